@@ -1,0 +1,1 @@
+"""The `cdp` command: run the whole suite on one machine, and its demo."""

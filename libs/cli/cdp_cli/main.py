@@ -1,0 +1,78 @@
+"""`cdp up` runs the whole suite on this machine; `cdp demo` runs it with the seed story."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from cdp_cli import demo, infra, suite
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("CDP_DATA_DIR", ".cdp")).resolve()
+
+
+def up(data_dir: Path) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with infra.servers(data_dir, dict(os.environ)) as settings, suite.services(data_dir, settings) as running:
+        print(f"CDP is up (data in {data_dir})")
+        print(f"  {'NATS JetStream':<14} {settings['CDP_NATS_URL']}")
+        print(f"  {'PostgreSQL':<14} {settings['CDP_DATABASE_URL']}")
+        print(f"  {'SMTP':<14} {settings['CDP_SMTP_HOST']}:{settings['CDP_SMTP_PORT']}"
+              + (f" -> {settings['CDP_MAILDIR']}" if "CDP_MAILDIR" in settings else ""))
+        for service in running:
+            print(f"  {service.name:<14} grpc {service.address}  (logs: {service.log_file})")
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop.is_set():
+            for service in running:
+                if service.process.poll() is not None:
+                    print(f"service {service.name} exited with code {service.process.returncode}; "
+                          f"see {service.log_file}", file=sys.stderr)
+                    return 1
+            stop.wait(0.5)
+        print("stopping...", flush=True)
+    print("stopped.")
+    return 0
+
+
+def run_demo(data_dir: Path | None) -> int:
+    temporary = data_dir is None
+    directory = Path(tempfile.mkdtemp(prefix="cdp-demo-")) if data_dir is None else data_dir
+    started = time.monotonic()
+    try:
+        print(f"Starting NATS JetStream, PostgreSQL, an SMTP sink and six services (data in {directory})...", flush=True)
+        with infra.servers(directory, dict(os.environ)) as settings, suite.services(directory, settings) as running:
+            print(f"Suite up in {time.monotonic() - started:.1f}s. Loading seeds/demo through the gRPC APIs:", flush=True)
+            addresses = {s.name: s.address for s in running}
+            asyncio.run(demo.run(addresses, settings, directory))
+        print(f"Demo finished in {time.monotonic() - started:.1f}s.")
+        return 0
+    finally:
+        if temporary and os.environ.get("CDP_KEEP_DEMO_DATA") != "1":
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cdp", description="Customer Data Platform suite")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="run NATS, PostgreSQL, SMTP sink and the six services until Ctrl-C")
+    up_parser.add_argument("--data-dir", type=Path, default=None, help="where data is kept (default ./.cdp)")
+    demo_parser = commands.add_parser("demo", help="bring the suite up, run the seed story, report, stop")
+    demo_parser.add_argument("--data-dir", type=Path, default=None, help="keep the demo's data here")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            sys.exit(up((args.data_dir or _default_data_dir()).resolve()))
+        sys.exit(run_demo(args.data_dir.resolve() if args.data_dir else None))
+    except infra.InfraError as error:
+        sys.exit(f"cdp: {error}")

@@ -1,0 +1,1 @@
+"""Plumbing shared by every CDP service: settings, logging, the event log, the store, gRPC."""

@@ -1,0 +1,247 @@
+"""The consumer loop: fetch a batch, apply it in one transaction with its checkpoint, ack.
+
+Exactly-once effects on top of at-least-once delivery: the highest applied stream sequence is
+stored in the same transaction as the change, so a redelivered or replayed message is skipped.
+Messages are applied strictly in stream order. A message whose handler keeps failing is retried
+a bounded number of times inside its own savepoint, then written to the dead-letter subject
+(through the outbox, in the same transaction) and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from cdp.v1 import event_pb2
+from cdp_common import eventlog
+from cdp_common.db import Outbox
+
+Handler = Callable[[AsyncConnection, event_pb2.Event], Awaitable[Sequence[eventlog.Outgoing]]]
+
+log = structlog.get_logger("cdp.consumer")
+
+# Room left for the dead-letter envelope around the original payload.
+_DEAD_LETTER_PAYLOAD_LIMIT = eventlog.MAX_MESSAGE_BYTES - 64 * 1024
+
+
+class PermanentError(Exception):
+    """The message can never be applied (e.g. it lacks what the handler needs): dead-letter it now."""
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer, named `<consumer-service>-<purpose>`."""
+
+    durable: str
+    area: str
+    filter_subjects: tuple[str, ...] = ()
+    batch: int = 200
+    # Attempts of one message before it is dead-lettered.
+    max_attempts: int = 5
+    ack_wait_seconds: float = 30.0
+    retry_backoff_seconds: float = 0.05
+    # Stream sequences this consumer applies in one transaction bound the work lost on a crash;
+    # twice the batch lets the next fetch be served while acks of the last are in flight.
+    max_ack_pending: int = 400
+    fetch_timeout_seconds: float = 1.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _infrastructure_failure(error: BaseException) -> bool:
+    """The database or the log itself failed: retrying the handler cannot help."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, OperationalError | InterfaceError | ConnectionError | OSError)
+
+
+class Consumer:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        engine: AsyncEngine,
+        outbox: Outbox,
+        schema: str,
+        topology: eventlog.Topology,
+        spec: ConsumerSpec,
+        handler: Handler,
+    ) -> None:
+        self._js = js
+        self._engine = engine
+        self._outbox = outbox
+        self._schema = schema
+        self._topology = topology
+        self.spec = spec
+        self._handler = handler
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.applied = 0
+        self.dead_lettered = 0
+
+    @property
+    def stream(self) -> str:
+        return self._topology.stream(self.spec.area)
+
+    def consumer_config(self) -> ConsumerConfig:
+        filters = list(self.spec.filter_subjects)
+        return ConsumerConfig(
+            durable_name=self.spec.durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.spec.ack_wait_seconds,
+            # Unlimited on purpose: the loop itself dead-letters a failing message after
+            # max_attempts, so an outage of PostgreSQL never makes the server drop messages.
+            max_deliver=-1,
+            max_ack_pending=self.spec.max_ack_pending,
+            filter_subjects=filters or None,
+        )
+
+    async def provision(self) -> None:
+        await self._js.add_consumer(self.stream, self.consumer_config())
+
+    async def start(self) -> None:
+        await self.provision()
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.spec.durable}")
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stops fetching; the batch in hand is finished, or naked if it takes too long."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace_seconds)
+        except TimeoutError:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        bound = structlog.contextvars.bound_contextvars
+        with bound(consumer=self.spec.durable):
+            await self._flush_outbox()
+            sub = await self._js.pull_subscribe_bind(self.spec.durable, stream=self.stream)
+            failures = 0
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(self.spec.batch, timeout=self.spec.fetch_timeout_seconds)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+                except eventlog.LOG_UNAVAILABLE as error:
+                    log.warning("fetch_failed", error=str(error))
+                    await self._pause(1.0)
+                    continue
+                try:
+                    await self.process(msgs)
+                    failures = 0
+                except asyncio.CancelledError:
+                    await self._nak(msgs)
+                    raise
+                except Exception as error:  # noqa: BLE001 - the loop must go on
+                    failures += 1
+                    log.error("batch_failed", error=repr(error), messages=len(msgs))
+                    await self._nak(msgs)
+                    await self._pause(min(0.2 * 2**failures, 5.0))
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _nak(self, msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await msg.nak(delay=1.0)
+            except Exception:  # noqa: BLE001 - ack_wait redelivers it anyway
+                pass
+
+    async def _flush_outbox(self) -> None:
+        try:
+            await self._outbox.flush()
+        except eventlog.LOG_UNAVAILABLE as error:
+            log.warning("outbox_flush_failed", error=str(error))
+
+    async def process(self, msgs: Sequence[Msg]) -> None:
+        """Applies a batch: one transaction for the changes, the facts and the checkpoint."""
+        table = f"{self._schema}.checkpoints"
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                text(f"INSERT INTO {table} (consumer) VALUES (:c) ON CONFLICT DO NOTHING"),
+                {"c": self.spec.durable},
+            )
+            applied_up_to = (
+                await conn.execute(
+                    text(f"SELECT stream_sequence FROM {table} WHERE consumer = :c FOR UPDATE"),
+                    {"c": self.spec.durable},
+                )
+            ).scalar_one()
+            last = applied_up_to
+            for msg in msgs:
+                sequence = msg.metadata.sequence.stream
+                if sequence <= last:
+                    continue
+                outgoing = await self._apply(conn, msg)
+                await self._outbox.add(conn, outgoing)
+                last = sequence
+            if last != applied_up_to:
+                await conn.execute(
+                    text(f"UPDATE {table} SET stream_sequence = :s, updated_at = now() WHERE consumer = :c"),
+                    {"s": last, "c": self.spec.durable},
+                )
+        await self._flush_outbox()
+        for msg in msgs:
+            await msg.ack()
+
+    async def _apply(self, conn: AsyncConnection, msg: Msg) -> Sequence[eventlog.Outgoing]:
+        try:
+            event = eventlog.decode(msg.data)
+        except Exception as error:  # noqa: BLE001 - undecodable bytes can never succeed
+            return [self._dead_letter(msg, f"undecodable payload: {error}", attempts=1)]
+        error: BaseException | None = None
+        with structlog.contextvars.bound_contextvars(
+            event_id=event.id, correlation_id=event.correlation_id or event.id
+        ):
+            for attempt in range(1, self.spec.max_attempts + 1):
+                try:
+                    async with conn.begin_nested():
+                        outgoing = await self._handler(conn, event)
+                    self.applied += 1
+                    return outgoing
+                except PermanentError as caught:
+                    log.error("dead_lettered", attempts=attempt, error=str(caught))
+                    return [self._dead_letter(msg, str(caught), attempts=attempt)]
+                except Exception as caught:  # noqa: BLE001 - decided below
+                    if _infrastructure_failure(caught):
+                        raise
+                    error = caught
+                    log.warning("handler_failed", attempt=attempt, error=repr(caught))
+                    await asyncio.sleep(self.spec.retry_backoff_seconds * attempt)
+            log.error("dead_lettered", attempts=self.spec.max_attempts, error=repr(error))
+            return [self._dead_letter(msg, repr(error), attempts=self.spec.max_attempts)]
+
+    def _dead_letter(self, msg: Msg, reason: str, attempts: int) -> eventlog.Outgoing:
+        self.dead_lettered += 1
+        sequence = msg.metadata.sequence.stream
+        event = eventlog.new_event(
+            "dead_lettered",
+            event_id=eventlog.derived_id(f"{self.stream}:{sequence}", f"dlq:{self.spec.durable}"),
+            source=self.spec.durable,
+        )
+        event.dead_lettered.consumer = self.spec.durable
+        event.dead_lettered.stream = self.stream
+        event.dead_lettered.stream_sequence = sequence
+        event.dead_lettered.original_subject = msg.subject
+        event.dead_lettered.original_payload = msg.data[:_DEAD_LETTER_PAYLOAD_LIMIT]
+        event.dead_lettered.error = reason[:2000]
+        event.dead_lettered.attempts = attempts
+        return eventlog.Outgoing(self._topology.deadletter(self.spec.durable), event)

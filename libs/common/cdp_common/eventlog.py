@@ -1,0 +1,201 @@
+"""The event log's shape: streams, subjects, partitions, the envelope codec and publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import nats.errors
+import nats.js.errors
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from cdp.v1 import event_pb2
+
+# Profile-keyed subjects carry a bounded partition, never the profile id itself: very many
+# distinct subjects slow JetStream down, and a partition keeps one customer's facts in order.
+PARTITIONS = 16
+# JetStream's own default is 2 minutes; a client retrying the same event id within a day
+# must still be stored once (Segment keeps about 24 hours).
+DUPLICATE_WINDOW_SECONDS = 24 * 3600
+MAX_MESSAGE_BYTES = 1024 * 1024
+# The log is the source of truth: no age or size limit drops history. A full disk refuses
+# new writes (DiscardPolicy.NEW) rather than silently deleting old facts.
+MAX_AGE_SECONDS = 0
+MAX_STREAM_BYTES = -1
+PUBLISH_TIMEOUT_SECONDS = 5.0
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+CORRELATION_HEADER = "Cdp-Correlation-Id"
+TYPE_HEADER = "Cdp-Event-Type"
+
+# Errors meaning "the log is not reachable right now"; callers answer UNAVAILABLE and retry.
+LOG_UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+AREAS = ("collected", "identity", "profile", "segment", "activation", "deadletter")
+
+
+def partition_of(profile_id: str) -> int:
+    digest = hashlib.blake2b(profile_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % PARTITIONS
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Stream and subject names under one namespace (`cdp` in production, unique per test)."""
+
+    namespace: str = "cdp"
+
+    @property
+    def root(self) -> str:
+        return f"{self.namespace}.v1"
+
+    def stream(self, area: str) -> str:
+        if area not in AREAS:
+            raise ValueError(f"unknown log area {area!r}")
+        return f"{self.namespace.upper()}_{area.upper()}"
+
+    def area_subjects(self, area: str) -> str:
+        return f"{self.root}.{area}.>"
+
+    def collected(self, event_type: str) -> str:
+        return f"{self.root}.collected.{event_type}"
+
+    def keyed(self, area: str, profile_id: str, fact: str) -> str:
+        return f"{self.root}.{area}.{partition_of(profile_id)}.{fact}"
+
+    def deadletter(self, consumer: str) -> str:
+        return f"{self.root}.deadletter.{consumer}"
+
+    def stream_configs(self) -> list[StreamConfig]:
+        return [
+            StreamConfig(
+                name=self.stream(area),
+                subjects=[self.area_subjects(area)],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=1,
+                max_age=MAX_AGE_SECONDS,
+                max_bytes=MAX_STREAM_BYTES,
+                max_msg_size=MAX_MESSAGE_BYTES,
+                discard=DiscardPolicy.NEW,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            )
+            for area in AREAS
+        ]
+
+
+async def provision_streams(js: JetStreamContext, topology: Topology) -> None:
+    """Creates or updates every stream; safe to run from every service at every start."""
+    for config in topology.stream_configs():
+        try:
+            await js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                # Another service created it between our look-up and our create.
+                await js.update_stream(config)
+        else:
+            await js.update_stream(config)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def derived_id(cause_id: str, fact: str) -> str:
+    """A deterministic id for a fact derived from another, so re-deriving it dedupes."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cdp:{cause_id}:{fact}"))
+
+
+def new_event(
+    event_type: str, *, event_id: str, source: str, cause: event_pb2.Event | None = None
+) -> event_pb2.Event:
+    event = event_pb2.Event(id=event_id, type=event_type, source=source)
+    event.received_at.CopyFrom(timestamp(now()))
+    if cause is not None:
+        event.correlation_id = cause.correlation_id or cause.id
+        event.causation_id = cause.id
+        event.occurred_at.CopyFrom(cause.occurred_at)
+    else:
+        event.occurred_at.CopyFrom(event.received_at)
+    return event
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An event bound for a subject."""
+
+    subject: str
+    event: event_pb2.Event
+
+    def headers(self) -> dict[str, str]:
+        headers = {MSG_ID_HEADER: self.event.id, TYPE_HEADER: self.event.type}
+        if self.event.correlation_id:
+            headers[CORRELATION_HEADER] = self.event.correlation_id
+        return headers
+
+
+def encode(event: event_pb2.Event) -> bytes:
+    return event.SerializeToString()
+
+
+def decode(payload: bytes) -> event_pb2.Event:
+    event = event_pb2.Event()
+    event.ParseFromString(payload)
+    if not event.id or not event.type:
+        raise ValueError("not a CDP event: id and type are required")
+    return event
+
+
+@dataclass(frozen=True)
+class Stored:
+    stream: str
+    sequence: int
+    duplicate: bool
+
+
+async def publish(
+    js: JetStreamContext,
+    messages: Sequence[tuple[str, bytes, dict[str, str]]],
+    timeout: float = PUBLISH_TIMEOUT_SECONDS,
+) -> list[Stored]:
+    """Publishes pipelined and returns only once JetStream has stored every message."""
+    if len(messages) == 1:
+        subject, payload, headers = messages[0]
+        ack = await js.publish(subject, payload, timeout=timeout, headers=headers)
+        return [Stored(ack.stream, ack.seq, bool(ack.duplicate))]
+    futures = [
+        await js.publish_async(subject, payload, headers=headers, wait_stall=timeout)
+        for subject, payload, headers in messages
+    ]
+    acks = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    return [Stored(ack.stream, ack.seq, bool(ack.duplicate)) for ack in acks]
+
+
+async def publish_events(
+    js: JetStreamContext, outgoing: Sequence[Outgoing], timeout: float = PUBLISH_TIMEOUT_SECONDS
+) -> list[Stored]:
+    return await publish(js, [(o.subject, encode(o.event), o.headers()) for o in outgoing], timeout)

@@ -1,0 +1,53 @@
+"""Identifier normalisation and hashing, the one place every service takes them from."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# Values sources send when they have nothing; they must never link two customers.
+BLOCKED_VALUES = re.compile(r"^([0-]*|-1|null|none|nil|undefined|anonymous|unknown|n/a|nan)$", re.I)
+
+TYPES = ("user_id", "email", "phone", "anonymous_id", "device_id")
+_CUSTOM_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def valid_custom_type(name: str) -> bool:
+    return bool(_CUSTOM_TYPE.match(name)) and name not in TYPES
+
+
+def normalise_email(value: str) -> str:
+    return value.strip().lower()
+
+
+def normalise_phone(value: str) -> str:
+    digits = re.sub(r"[^\d+]", "", value.strip())
+    return digits if digits.startswith("+") else digits.lstrip("0")
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def email_sha256(email: str) -> str:
+    """SHA-256 of the trimmed, lower-cased email, as ad platforms match on."""
+    return sha256_hex(normalise_email(email))
+
+
+def normalise(id_type: str, value: str) -> str | None:
+    """The matching form of an identifier, or None when it must not link anything."""
+    value = value.strip()
+    if id_type == "email":
+        value = normalise_email(value)
+        if "@" not in value:
+            return None
+    elif id_type == "phone":
+        value = normalise_phone(value)
+    elif id_type.endswith("_sha256"):
+        value = value.lower()
+        if not _HEX64.match(value):
+            return None
+    if BLOCKED_VALUES.match(value):
+        return None
+    return value

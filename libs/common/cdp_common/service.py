@@ -1,0 +1,229 @@
+"""The composition root every service shares: connect, migrate, serve gRPC, consume, stop.
+
+A service describes itself with a `ServiceDefinition`; `run` is its `main`, `running` starts
+the same thing inside an existing event loop (the end-to-end tests use it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import nats
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_common import db, eventlog, logs
+from cdp_common.consumer import Consumer, ConsumerSpec, Handler
+from cdp_common.settings import Settings, SettingsError
+
+log = structlog.get_logger("cdp.service")
+
+CORRELATION_METADATA = "x-correlation-id"
+
+
+@dataclass
+class Runtime:
+    """The adapters a service's parts are built from."""
+
+    settings: Settings
+    nc: NATS
+    js: JetStreamContext
+    topology: eventlog.Topology
+    schema: str | None
+    maybe_engine: AsyncEngine | None
+    consumers: list[Consumer] = field(default_factory=list)
+    background: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._outbox = (
+            db.Outbox(self.maybe_engine, self.js, self.schema)
+            if self.maybe_engine is not None and self.schema is not None
+            else None
+        )
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self.maybe_engine is None:
+            raise RuntimeError(f"service {self.settings.service} has no database schema")
+        return self.maybe_engine
+
+    @property
+    def outbox(self) -> db.Outbox:
+        if self._outbox is None:
+            raise RuntimeError(f"service {self.settings.service} has no database schema")
+        return self._outbox
+
+    def consumer(self, spec: ConsumerSpec, handler: Handler) -> Consumer:
+        consumer = Consumer(
+            js=self.js,
+            engine=self.engine,
+            outbox=self.outbox,
+            schema=self.schema or "",
+            topology=self.topology,
+            spec=spec,
+            handler=handler,
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    name: str
+    # None for a service that keeps no read model (it then needs no database at all).
+    schema: str | None
+    default_port: int
+    migrations: Sequence[db.Migration]
+    # Adds the servicers to the server, creates consumers on the runtime, returns the
+    # full names of the gRPC services it registered (for health and reflection).
+    build: Callable[[grpc.aio.Server, Runtime], Awaitable[Sequence[str]]]
+
+
+class _CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Binds a correlation id (from `x-correlation-id` metadata, or a new one) to each RPC's logs."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = details.method
+        metadata = dict(details.invocation_metadata or ())
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            correlation_id = str(metadata.get(CORRELATION_METADATA) or uuid.uuid4())
+            with structlog.contextvars.bound_contextvars(rpc=method, correlation_id=correlation_id):
+                return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def correlation_id() -> str:
+    """The correlation id bound to the current RPC (a new one outside an RPC)."""
+    bound = structlog.contextvars.get_contextvars().get("correlation_id")
+    return str(bound) if bound else str(uuid.uuid4())
+
+
+@dataclass
+class Running:
+    port: int
+    runtime: Runtime
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def _connect_nats(url: str, name: str) -> NATS:
+    async def on_error(error: Exception) -> None:
+        log.warning("nats_error", error=str(error))
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected")
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIterator[Running]:
+    """Starts the service in this event loop; leaving the block shuts it down gracefully."""
+    if definition.schema is not None and not settings.database_url:
+        raise SettingsError("environment variable CDP_DATABASE_URL is required but not set")
+    nc = await _connect_nats(settings.nats_url, f"cdp-{definition.name}")
+    engine = db.create_engine(settings.database_url) if definition.schema is not None else None
+    server = grpc.aio.server(interceptors=[_CorrelationInterceptor()])
+    health_servicer = health.aio.HealthServicer()
+    runtime: Runtime | None = None
+    try:
+        js = nc.jetstream()
+        topology = eventlog.Topology(settings.namespace)
+        await eventlog.provision_streams(js, topology)
+        if engine is not None and definition.schema is not None:
+            await db.migrate(engine, definition.schema, definition.migrations)
+        runtime = Runtime(
+            settings=settings, nc=nc, js=js, topology=topology, schema=definition.schema, maybe_engine=engine
+        )
+        names = list(await definition.build(server, runtime))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        port = server.add_insecure_port(settings.grpc_listen)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {settings.grpc_listen}")
+        await server.start()
+        for consumer in runtime.consumers:
+            await consumer.start()
+        for name in ["", *names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = settings.grpc_listen.rsplit(":", 1)[0]
+        log.info("service_started", grpc=f"{host}:{port}", namespace=settings.namespace)
+        yield Running(port=port, runtime=runtime, server=server, health=health_servicer)
+    finally:
+        # Reverse order: stop taking RPCs, finish (or nak) the batches in hand, then disconnect.
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        if runtime is not None:
+            for task in runtime.background:
+                task.cancel()
+            await asyncio.gather(*runtime.background, return_exceptions=True)
+            await asyncio.gather(*(c.stop() for c in runtime.consumers))
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        if engine is not None:
+            await engine.dispose()
+        log.info("service_stopped")
+
+
+async def _serve_until_signalled(definition: ServiceDefinition, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(definition, settings):
+        await stop.wait()
+        log.info("shutdown_requested")
+
+
+def run(definition: ServiceDefinition) -> None:
+    """A service's `main`: settings from the environment, JSON logs, stop on SIGTERM/SIGINT."""
+    try:
+        settings = Settings.from_env(definition.name, definition.default_port)
+    except SettingsError as error:
+        sys.exit(f"cdp-{definition.name}: {error}")
+    logs.configure(definition.name, settings.log_level)
+    try:
+        asyncio.run(_serve_until_signalled(definition, settings))
+    except SettingsError as error:
+        sys.exit(f"cdp-{definition.name}: {error}")

@@ -1,0 +1,1 @@
+"""Activation: sends campaign messages when profiles enter segments."""

@@ -1,0 +1,5 @@
+"""`python -m cdp_activation` runs the service."""
+
+from cdp_activation.main import main
+
+main()

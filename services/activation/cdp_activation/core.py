@@ -1,0 +1,72 @@
+"""Campaign rules: who a message goes to and what it says. Pure."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateSyntaxError, Undefined
+from jinja2.sandbox import SandboxedEnvironment
+
+CHANNELS = ("email",)
+_CAMPAIGN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+# Sandboxed: templates come from operators over gRPC and must not reach Python internals.
+# A trait a profile lacks renders as empty text rather than failing the send.
+_ENV = SandboxedEnvironment(undefined=Undefined, autoescape=False)
+
+
+class InvalidCampaign(ValueError):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Campaign:
+    campaign_id: str
+    segment_id: str
+    channel: str
+    from_address: str
+    subject_template: str
+    body_template: str
+
+
+def check_campaign(campaign: Campaign) -> Campaign:
+    if not _CAMPAIGN_ID.match(campaign.campaign_id):
+        raise InvalidCampaign("id", "must be 1-63 lower-case letters, digits, '-' or '_'")
+    if not campaign.segment_id:
+        raise InvalidCampaign("segment_id", "is required")
+    channel = campaign.channel or "email"
+    if channel not in CHANNELS:
+        raise InvalidCampaign("channel", f"unsupported channel {channel!r}; supported: {CHANNELS}")
+    if not _ADDRESS.match(campaign.from_address):
+        raise InvalidCampaign("from_address", "must be an email address")
+    for field in ("subject_template", "body_template"):
+        source = getattr(campaign, field)
+        if not source.strip():
+            raise InvalidCampaign(field, "is required")
+        try:
+            _ENV.parse(source)
+        except TemplateSyntaxError as error:
+            raise InvalidCampaign(field, f"template error on line {error.lineno}: {error.message}") from None
+    return Campaign(**{**campaign.__dict__, "channel": channel})
+
+
+def recipient(traits: Mapping[str, Any], identifiers: Mapping[str, str]) -> str | None:
+    """The profile's email address, if it has a usable one."""
+    for candidate in (identifiers.get("email"), traits.get("email")):
+        if isinstance(candidate, str) and _ADDRESS.match(candidate.strip()):
+            return candidate.strip()
+    return None
+
+
+def render(campaign: Campaign, profile: Mapping[str, Any]) -> tuple[str, str]:
+    scope = {"traits": profile.get("traits", {}), "profile": profile}
+    subject = _ENV.from_string(campaign.subject_template).render(scope)
+    body = _ENV.from_string(campaign.body_template).render(scope)
+    # A header must stay on one line whatever the traits contain.
+    return " ".join(subject.split()), body

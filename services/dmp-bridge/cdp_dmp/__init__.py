@@ -1,0 +1,1 @@
+"""DMP bridge: hashed audience export and conversion re-import."""

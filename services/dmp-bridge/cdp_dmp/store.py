@@ -1,0 +1,86 @@
+"""Hashed identifiers, audience members and imported conversions (schema `dmp`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+MIGRATIONS = (
+    (
+        """CREATE TABLE dmp.hashed_emails (
+            email_sha256 text PRIMARY KEY,
+            profile_id text NOT NULL)""",
+        "CREATE INDEX hashed_emails_profile ON dmp.hashed_emails (profile_id)",
+        """CREATE TABLE dmp.audience_members (
+            segment_id text NOT NULL,
+            profile_id text NOT NULL,
+            PRIMARY KEY (segment_id, profile_id))""",
+        """CREATE TABLE dmp.conversions (
+            platform text NOT NULL,
+            conversion_id text NOT NULL,
+            event_id text NOT NULL,
+            imported_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (platform, conversion_id))""",
+    ),
+)
+
+
+async def set_hashes(conn: AsyncConnection, profile_id: str, hashes: Sequence[str]) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO dmp.hashed_emails (email_sha256, profile_id) SELECT h, :p FROM unnest(CAST(:hs AS text[])) h "
+            "ON CONFLICT (email_sha256) DO UPDATE SET profile_id = EXCLUDED.profile_id"
+        ),
+        {"p": profile_id, "hs": list(hashes)},
+    )
+
+
+async def forget_profile(conn: AsyncConnection, profile_id: str) -> None:
+    await conn.execute(text("DELETE FROM dmp.hashed_emails WHERE profile_id = :p"), {"p": profile_id})
+    await conn.execute(text("DELETE FROM dmp.audience_members WHERE profile_id = :p"), {"p": profile_id})
+
+
+async def set_member(conn: AsyncConnection, segment_id: str, profile_id: str, member: bool) -> None:
+    if member:
+        statement = "INSERT INTO dmp.audience_members VALUES (:s, :p) ON CONFLICT DO NOTHING"
+    else:
+        statement = "DELETE FROM dmp.audience_members WHERE segment_id = :s AND profile_id = :p"
+    await conn.execute(text(statement), {"s": segment_id, "p": profile_id})
+
+
+async def audience_hashes(conn: AsyncConnection, segment_id: str) -> list[str]:
+    rows = await conn.execute(
+        text(
+            "SELECT h.email_sha256 FROM dmp.audience_members m JOIN dmp.hashed_emails h USING (profile_id) "
+            "WHERE m.segment_id = :s"
+        ),
+        {"s": segment_id},
+    )
+    return list(rows.scalars())
+
+
+async def already_imported(conn: AsyncConnection, platform: str, conversion_ids: Sequence[str]) -> set[str]:
+    rows = await conn.execute(
+        text("SELECT conversion_id FROM dmp.conversions WHERE platform = :pl AND conversion_id = ANY(:ids)"),
+        {"pl": platform, "ids": list(conversion_ids)},
+    )
+    return set(rows.scalars())
+
+
+async def record_imported(conn: AsyncConnection, platform: str, rows: Sequence[tuple[str, str]]) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO dmp.conversions (platform, conversion_id, event_id) "
+            "SELECT :pl, c, e FROM unnest(CAST(:cs AS text[]), CAST(:es AS text[])) AS r(c, e) ON CONFLICT DO NOTHING"
+        ),
+        {"pl": platform, "cs": [r[0] for r in rows], "es": [r[1] for r in rows]},
+    )
+
+
+async def known_hashes(conn: AsyncConnection, hashes: Sequence[str]) -> set[str]:
+    rows = await conn.execute(
+        text("SELECT email_sha256 FROM dmp.hashed_emails WHERE email_sha256 = ANY(:hs)"), {"hs": list(hashes)}
+    )
+    return set(rows.scalars())

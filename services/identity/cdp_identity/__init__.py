@@ -1,0 +1,1 @@
+"""Identity: resolves identifiers to persistent profiles, creating and merging them."""

@@ -1,0 +1,1 @@
+"""Ingest: validates first-party events and appends them to the log."""

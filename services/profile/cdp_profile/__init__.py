@@ -1,0 +1,1 @@
+"""Profile: projects the single customer view from resolved events."""

@@ -1,0 +1,5 @@
+"""`python -m cdp_profile` runs the service."""
+
+from cdp_profile.main import main
+
+main()

@@ -1,0 +1,114 @@
+"""Segments, the profile facts they are evaluated on, and memberships (schema `segmentation`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from cdp_segmentation.core import Condition, Segment
+
+MIGRATIONS = (
+    (
+        """CREATE TABLE segmentation.segments (
+            segment_id text PRIMARY KEY,
+            name text NOT NULL,
+            conditions jsonb NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now())""",
+        """CREATE TABLE segmentation.profiles (
+            profile_id text PRIMARY KEY,
+            facts jsonb NOT NULL,
+            snapshot bytea NOT NULL)""",
+        """CREATE TABLE segmentation.memberships (
+            segment_id text NOT NULL,
+            profile_id text NOT NULL,
+            entered_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (segment_id, profile_id))""",
+        "CREATE INDEX memberships_profile ON segmentation.memberships (profile_id)",
+    ),
+)
+
+
+async def lock(conn: AsyncConnection) -> None:
+    """Serialises membership changes between the consumer and segment definition changes."""
+    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('segmentation.memberships'))"))
+
+
+async def segments(conn: AsyncConnection) -> list[Segment]:
+    rows = await conn.execute(text("SELECT segment_id, name, conditions FROM segmentation.segments ORDER BY segment_id"))
+    return [
+        Segment(r.segment_id, r.name, tuple(Condition(c["field"], c["op"], c.get("value")) for c in r.conditions))
+        for r in rows
+    ]
+
+
+async def put_segment(conn: AsyncConnection, segment: Segment) -> None:
+    conditions = [{"field": c.field, "op": c.op, "value": c.value} for c in segment.conditions]
+    await conn.execute(
+        text(
+            "INSERT INTO segmentation.segments (segment_id, name, conditions) VALUES (:s, :n, CAST(:c AS jsonb)) "
+            "ON CONFLICT (segment_id) DO UPDATE SET name = EXCLUDED.name, conditions = EXCLUDED.conditions, "
+            "updated_at = now()"
+        ),
+        {"s": segment.segment_id, "n": segment.name, "c": json.dumps(conditions)},
+    )
+
+
+async def upsert_profile(conn: AsyncConnection, profile_id: str, facts: dict[str, Any], snapshot: bytes) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO segmentation.profiles (profile_id, facts, snapshot) VALUES (:p, CAST(:f AS jsonb), :s) "
+            "ON CONFLICT (profile_id) DO UPDATE SET facts = EXCLUDED.facts, snapshot = EXCLUDED.snapshot"
+        ),
+        {"p": profile_id, "f": json.dumps(facts), "s": snapshot},
+    )
+
+
+async def delete_profile(conn: AsyncConnection, profile_id: str) -> None:
+    await conn.execute(text("DELETE FROM segmentation.profiles WHERE profile_id = :p"), {"p": profile_id})
+
+
+async def profiles(conn: AsyncConnection) -> list[tuple[str, dict[str, Any], bytes]]:
+    rows = await conn.execute(text("SELECT profile_id, facts, snapshot FROM segmentation.profiles ORDER BY profile_id"))
+    return [(r.profile_id, r.facts, bytes(r.snapshot)) for r in rows]
+
+
+async def memberships_of(conn: AsyncConnection, profile_id: str) -> set[str]:
+    rows = await conn.execute(
+        text("SELECT segment_id FROM segmentation.memberships WHERE profile_id = :p"), {"p": profile_id}
+    )
+    return set(rows.scalars())
+
+
+async def members(conn: AsyncConnection, segment_id: str) -> set[str]:
+    rows = await conn.execute(
+        text("SELECT profile_id FROM segmentation.memberships WHERE segment_id = :s"), {"s": segment_id}
+    )
+    return set(rows.scalars())
+
+
+async def enter(conn: AsyncConnection, segment_id: str, profile_ids: Sequence[str]) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO segmentation.memberships (segment_id, profile_id) "
+            "SELECT :s, p FROM unnest(CAST(:ps AS text[])) AS p ON CONFLICT DO NOTHING"
+        ),
+        {"s": segment_id, "ps": list(profile_ids)},
+    )
+
+
+async def exit_(conn: AsyncConnection, segment_id: str, profile_ids: Sequence[str]) -> None:
+    await conn.execute(
+        text("DELETE FROM segmentation.memberships WHERE segment_id = :s AND profile_id = ANY(:ps)"),
+        {"s": segment_id, "ps": list(profile_ids)},
+    )
+
+
+async def sizes(conn: AsyncConnection) -> dict[str, int]:
+    rows = await conn.execute(
+        text("SELECT segment_id, count(*) AS n FROM segmentation.memberships GROUP BY segment_id")
+    )
+    return {r.segment_id: int(r.n) for r in rows}
