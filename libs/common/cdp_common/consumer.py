@@ -10,6 +10,7 @@ a bounded number of times inside its own savepoint, then written to the dead-let
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -130,27 +131,34 @@ class Consumer:
         with bound(consumer=self.spec.durable):
             await self._flush_outbox()
             sub = await self._js.pull_subscribe_bind(self.spec.durable, stream=self.stream)
-            failures = 0
-            while not self._stopping.is_set():
-                try:
-                    msgs = await sub.fetch(self.spec.batch, timeout=self.spec.fetch_timeout_seconds)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    continue
-                except eventlog.LOG_UNAVAILABLE as error:
-                    log.warning("fetch_failed", error=str(error))
-                    await self._pause(1.0)
-                    continue
-                try:
-                    await self.process(msgs)
-                    failures = 0
-                except asyncio.CancelledError:
-                    await self._nak(msgs)
-                    raise
-                except Exception as error:  # noqa: BLE001 - the loop must go on
-                    failures += 1
-                    log.error("batch_failed", error=repr(error), messages=len(msgs))
-                    await self._nak(msgs)
-                    await self._pause(min(0.2 * 2**failures, 5.0))
+            try:
+                await self._loop(sub)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(self.spec.batch, timeout=self.spec.fetch_timeout_seconds)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except eventlog.LOG_UNAVAILABLE as error:
+                log.warning("fetch_failed", error=str(error))
+                await self._pause(1.0)
+                continue
+            try:
+                await self.process(msgs)
+                failures = 0
+            except asyncio.CancelledError:
+                await self._nak(msgs)
+                raise
+            except Exception as error:  # noqa: BLE001 - the loop must go on
+                failures += 1
+                log.error("batch_failed", error=repr(error), messages=len(msgs))
+                await self._nak(msgs)
+                await self._pause(min(0.2 * 2**failures, 5.0))
 
     async def _pause(self, seconds: float) -> None:
         try:
