@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,6 +26,14 @@ CDP = str(Path(sys.executable).parent / "cdp")
 def _env() -> dict[str, str]:
     # The command starts its own servers, as on a fresh machine.
     return {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+
+
+def test_a_service_without_its_settings_names_what_is_missing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cdp_profile"], env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "CDP_NATS_URL is required" in result.stderr
 
 
 def test_demo_reports_every_stage() -> None:
@@ -94,6 +103,10 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
     finally:
         out = _stop(process, signal.SIGINT)
     assert "stopped." in out
+    # Every service shut down gracefully (SIGTERM from `cdp`), not killed.
+    for name in addresses:
+        lines = (tmp_path / "logs" / f"{name}.log").read_text().splitlines()
+        assert json.loads(lines[-1])["event"] == "service_stopped", lines[-3:]
 
     process, addresses = _start_up(tmp_path)
     try:

@@ -111,9 +111,10 @@ class Consumer:
     async def provision(self) -> None:
         await self._js.add_consumer(self.stream, self.consumer_config())
 
-    async def start(self) -> None:
+    async def start(self) -> asyncio.Task[None]:
         await self.provision()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.spec.durable}")
+        return self._task
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Stops fetching; the batch in hand is finished, or naked if it takes too long."""

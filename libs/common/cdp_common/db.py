@@ -52,7 +52,7 @@ _COMMON: Migration = (
 
 async def migrate(engine: AsyncEngine, schema: str, migrations: Sequence[Migration]) -> int:
     """Applies what has not been applied yet, in order; concurrent starters wait on a lock."""
-    if not _SCHEMA.match(schema):
+    if not _SCHEMA.fullmatch(schema):
         raise ValueError(f"invalid schema name {schema!r}")
     steps = [_COMMON, *migrations]
     async with engine.begin() as conn:

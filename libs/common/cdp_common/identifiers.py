@@ -14,16 +14,19 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def valid_custom_type(name: str) -> bool:
-    return bool(_CUSTOM_TYPE.match(name)) and name not in TYPES
+    return bool(_CUSTOM_TYPE.fullmatch(name)) and name not in TYPES
 
 
 def normalise_email(value: str) -> str:
     return value.strip().lower()
 
 
-def normalise_phone(value: str) -> str:
-    digits = re.sub(r"[^\d+]", "", value.strip())
-    return digits if digits.startswith("+") else digits.lstrip("0")
+def normalise_phone(value: str) -> str | None:
+    """Digits with the '+' of an international number kept; None for too few or all-zero digits."""
+    digits = re.sub(r"\D", "", value)
+    if len(digits) < 5 or not digits.strip("0"):
+        return None
+    return "+" + digits if value.strip().startswith("+") else digits.lstrip("0")
 
 
 def sha256_hex(value: str) -> str:
@@ -38,16 +41,21 @@ def email_sha256(email: str) -> str:
 def normalise(id_type: str, value: str) -> str | None:
     """The matching form of an identifier, or None when it must not link anything."""
     value = value.strip()
+    if BLOCKED_VALUES.fullmatch(value):
+        return None
     if id_type == "email":
         value = normalise_email(value)
         if "@" not in value:
             return None
     elif id_type == "phone":
-        value = normalise_phone(value)
+        phone = normalise_phone(value)
+        if phone is None:
+            return None
+        value = phone
     elif id_type.endswith("_sha256"):
         value = value.lower()
-        if not _HEX64.match(value):
+        if not _HEX64.fullmatch(value):
             return None
-    if BLOCKED_VALUES.match(value):
+    if BLOCKED_VALUES.fullmatch(value):
         return None
     return value

@@ -131,6 +131,15 @@ class Running:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    async def wait_failed(self) -> BaseException:
+        """Returns the error of the first consumer or background task that died."""
+        tasks = list(self.runtime.background)
+        if not tasks:
+            await asyncio.Event().wait()
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        return task.exception() or RuntimeError(f"{task.get_name()} stopped unexpectedly")
+
 
 async def _connect_nats(url: str, name: str) -> NATS:
     async def on_error(error: Exception) -> None:
@@ -185,7 +194,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
             raise RuntimeError(f"cannot listen on {settings.grpc_listen}")
         await server.start()
         for consumer in runtime.consumers:
-            await consumer.start()
+            runtime.background.append(await consumer.start())
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = settings.grpc_listen.rsplit(":", 1)[0]
@@ -196,10 +205,10 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
         if runtime is not None:
+            await asyncio.gather(*(c.stop() for c in runtime.consumers))
             for task in runtime.background:
                 task.cancel()
             await asyncio.gather(*runtime.background, return_exceptions=True)
-            await asyncio.gather(*(c.stop() for c in runtime.consumers))
         with contextlib.suppress(Exception):
             await nc.drain()
         if engine is not None:
@@ -212,8 +221,15 @@ async def _serve_until_signalled(definition: ServiceDefinition, settings: Settin
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with running(definition, settings):
-        await stop.wait()
+    async with running(definition, settings) as service:
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(service.wait_failed())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():
+            # A service whose consumer died must not look healthy: exit so the supervisor restarts it.
+            log.error("worker_failed", error=repr(failed.result()))
+            raise SystemExit(1)
+        failed.cancel()
         log.info("shutdown_requested")
 
 

@@ -52,7 +52,7 @@ class Settings:
         cls, service: str, default_port: int, environ: Mapping[str, str] | None = None
     ) -> Settings:
         namespace = optional("CDP_NAMESPACE", "cdp", environ)
-        if not _NAMESPACE.match(namespace):
+        if not _NAMESPACE.fullmatch(namespace):
             raise SettingsError(
                 f"environment variable CDP_NAMESPACE must be lower-case letters and digits "
                 f"starting with a letter, got {namespace!r}"

@@ -1,5 +1,6 @@
 """`python -m cdp_activation` runs the service."""
 
-from cdp_activation.main import main
+from cdp_common.service import run
+from cdp_activation.main import DEFINITION
 
-main()
+run(DEFINITION)

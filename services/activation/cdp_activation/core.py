@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, Undefined
+from jinja2 import ChainableUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
 CHANNELS = ("email",)
@@ -15,8 +15,8 @@ _CAMPAIGN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 # Sandboxed: templates come from operators over gRPC and must not reach Python internals.
-# A trait a profile lacks renders as empty text rather than failing the send.
-_ENV = SandboxedEnvironment(undefined=Undefined, autoescape=False)
+# A trait a profile lacks (nested ones too) renders as empty text rather than failing the send.
+_ENV = SandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
 
 
 class InvalidCampaign(ValueError):
@@ -36,14 +36,14 @@ class Campaign:
 
 
 def check_campaign(campaign: Campaign) -> Campaign:
-    if not _CAMPAIGN_ID.match(campaign.campaign_id):
+    if not _CAMPAIGN_ID.fullmatch(campaign.campaign_id):
         raise InvalidCampaign("id", "must be 1-63 lower-case letters, digits, '-' or '_'")
     if not campaign.segment_id:
         raise InvalidCampaign("segment_id", "is required")
     channel = campaign.channel or "email"
     if channel not in CHANNELS:
         raise InvalidCampaign("channel", f"unsupported channel {channel!r}; supported: {CHANNELS}")
-    if not _ADDRESS.match(campaign.from_address):
+    if not _ADDRESS.fullmatch(campaign.from_address):
         raise InvalidCampaign("from_address", "must be an email address")
     for field in ("subject_template", "body_template"):
         source = getattr(campaign, field)
@@ -59,7 +59,7 @@ def check_campaign(campaign: Campaign) -> Campaign:
 def recipient(traits: Mapping[str, Any], identifiers: Mapping[str, str]) -> str | None:
     """The profile's email address, if it has a usable one."""
     for candidate in (identifiers.get("email"), traits.get("email")):
-        if isinstance(candidate, str) and _ADDRESS.match(candidate.strip()):
+        if isinstance(candidate, str) and _ADDRESS.fullmatch(candidate.strip()):
             return candidate.strip()
     return None
 

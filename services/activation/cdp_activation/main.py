@@ -11,7 +11,7 @@ from cdp.activation.v1 import activation_pb2, activation_pb2_grpc
 from cdp_activation import handlers, store
 from cdp_activation.api import ActivationServicer
 from cdp_activation.sender import Sender, SmtpSettings
-from cdp_common.service import Runtime, ServiceDefinition, run
+from cdp_common.service import Runtime, ServiceDefinition
 from cdp_common.settings import optional_int, require
 
 
@@ -28,10 +28,3 @@ DEFINITION = ServiceDefinition(
     name="activation", schema="activation", default_port=50055, migrations=store.MIGRATIONS, build=build
 )
 
-
-def main() -> None:
-    run(DEFINITION)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 """`python -m cdp_dmp` runs the service."""
 
-from cdp_dmp.main import main
+from cdp_common.service import run
+from cdp_dmp.main import DEFINITION
 
-main()
+run(DEFINITION)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import io
 import re
 from collections.abc import Iterable
@@ -43,7 +44,7 @@ def audience_csv(hashes: Iterable[str]) -> bytes:
 
 
 def check_platform(platform: str) -> str:
-    if not _PLATFORM.match(platform):
+    if not _PLATFORM.fullmatch(platform):
         raise InvalidFile("platform: must be 1-41 lower-case letters, digits, '-' or '_'")
     return platform
 
@@ -59,10 +60,10 @@ def parse_conversions(data: bytes, now: datetime) -> list[Conversion]:
     if missing:
         raise InvalidFile(f"csv: header lacks column(s) {', '.join(missing)}; expected {','.join(CONVERSION_COLUMNS)}")
     rows: list[Conversion] = []
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
         if len(rows) >= MAX_CONVERSIONS:
             raise InvalidFile(f"csv: more than {MAX_CONVERSIONS} rows; split the file")
-        rows.append(_conversion(line, row, now))
+        rows.append(_conversion(reader.line_num, row, now))
     if not rows:
         raise InvalidFile("csv: no conversion rows")
     return rows
@@ -73,20 +74,20 @@ def _conversion(line: int, row: dict[str, str], now: datetime) -> Conversion:
         return InvalidFile(f"csv line {line}, column {column}: {reason}")
 
     conversion_id = (row.get("conversion_id") or "").strip()
-    if not _CONVERSION_ID.match(conversion_id):
+    if not _CONVERSION_ID.fullmatch(conversion_id):
         raise bad("conversion_id", "1-100 letters, digits, '.', '_', ':' or '-' required")
     digest = (row.get("email_sha256") or "").strip().lower()
-    if not _HEX64.match(digest):
+    if not _HEX64.fullmatch(digest):
         raise bad("email_sha256", "must be a SHA-256 hex digest (64 hex characters)")
     event = (row.get("event") or "").strip() or "Order Completed"
     try:
         value = float((row.get("value") or "0").strip() or "0")
     except ValueError:
         raise bad("value", f"not a number: {row.get('value')!r}") from None
-    if value < 0:
-        raise bad("value", "must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise bad("value", "must be a finite, non-negative number")
     currency = (row.get("currency") or "").strip().upper() or "USD"
-    if not _CURRENCY.match(currency):
+    if not _CURRENCY.fullmatch(currency):
         raise bad("currency", "must be an ISO 4217 code such as EUR")
     raw_time = (row.get("occurred_at") or "").strip()
     try:

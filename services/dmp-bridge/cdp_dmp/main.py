@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from cdp.dmp.v1 import dmp_pb2, dmp_pb2_grpc
-from cdp_common.service import Runtime, ServiceDefinition, run
+from cdp_common.service import Runtime, ServiceDefinition
 from cdp_dmp import handlers, store
 from cdp_dmp.api import DmpBridgeServicer
 
@@ -25,10 +25,3 @@ DEFINITION = ServiceDefinition(
     name="dmp-bridge", schema="dmp", default_port=50056, migrations=store.MIGRATIONS, build=build
 )
 
-
-def main() -> None:
-    run(DEFINITION)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 """`python -m cdp_identity` runs the service."""
 
-from cdp_identity.main import main
+from cdp_common.service import run
+from cdp_identity.main import DEFINITION
 
-main()
+run(DEFINITION)

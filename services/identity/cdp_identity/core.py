@@ -11,15 +11,15 @@ from cdp_common import identifiers as ids
 Key = tuple[str, str]
 
 # Highest first: when linking every identifier of an event would join two different user_ids,
-# the lowest-priority identifiers are dropped from the event until it no longer would.
-PRIORITY = ("user_id", "email", "phone", "email_sha256", "device_id", "anonymous_id")
+# the lowest-priority identifiers are dropped from the event until it no longer would. Named
+# custom ids (loyalty_id, crm_id, ...) take the "custom" rank; other hashes rank as hashed email.
+PRIORITY = ("user_id", "email", "phone", "custom", "email_sha256", "device_id", "anonymous_id")
 
 
 def priority(id_type: str) -> int:
     if id_type in PRIORITY:
         return PRIORITY.index(id_type)
-    # Named custom ids (loyalty_id, crm_id, ...) rank between phone and hashed email.
-    return PRIORITY.index("phone") + 1 if not id_type.endswith("_sha256") else PRIORITY.index("email_sha256")
+    return PRIORITY.index("email_sha256" if id_type.endswith("_sha256") else "custom")
 
 
 def event_identifiers(raw: Mapping[str, str], custom: Mapping[str, str]) -> list[Key]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
-from cdp_common.service import Runtime, ServiceDefinition, run
+from cdp_common.service import Runtime, ServiceDefinition
 from cdp_identity import handlers, store
 from cdp_identity.api import IdentityServicer
 
@@ -22,10 +22,3 @@ DEFINITION = ServiceDefinition(
     name="identity", schema="identity", default_port=50052, migrations=store.MIGRATIONS, build=build
 )
 
-
-def main() -> None:
-    run(DEFINITION)
-
-
-if __name__ == "__main__":
-    main()

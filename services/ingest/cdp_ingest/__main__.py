@@ -1,5 +1,6 @@
 """`python -m cdp_ingest` runs the service."""
 
-from cdp_ingest.main import main
+from cdp_common.service import run
+from cdp_ingest.main import DEFINITION
 
-main()
+run(DEFINITION)

@@ -31,7 +31,7 @@ def event_id(requested: str, new_id: str | None = None) -> str:
     """The client's id (kept so a retry is deduplicated) or a new one."""
     if not requested:
         return new_id or str(uuid.uuid4())
-    if not _EVENT_ID.match(requested):
+    if not _EVENT_ID.fullmatch(requested):
         raise InvalidField("event_id", "must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
     return requested
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from cdp_common.service import Runtime, ServiceDefinition, run
+from cdp_common.service import Runtime, ServiceDefinition
 from cdp_ingest.api import IngestServicer
 
 
@@ -19,10 +19,3 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
 # Ingest keeps no read model, so it needs no database: PostgreSQL being down never stops intake.
 DEFINITION = ServiceDefinition(name="ingest", schema=None, default_port=50051, migrations=(), build=build)
 
-
-def main() -> None:
-    run(DEFINITION)
-
-
-if __name__ == "__main__":
-    main()

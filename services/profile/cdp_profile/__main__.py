@@ -1,5 +1,6 @@
 """`python -m cdp_profile` runs the service."""
 
-from cdp_profile.main import main
+from cdp_common.service import run
+from cdp_profile.main import DEFINITION
 
-main()
+run(DEFINITION)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -34,13 +35,16 @@ def order_value(name: str, properties: Mapping[str, Any]) -> float | None:
         return None
     for key in _ORDER_VALUE_KEYS:
         value = properties.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float | str):
             try:
-                return float(value)
+                amount = float(value)
             except ValueError:
                 continue
+            # NaN or infinity would poison the revenue for good.
+            if math.isfinite(amount):
+                return amount
     return 0.0
 
 

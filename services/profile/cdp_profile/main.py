@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_common.service import Runtime, ServiceDefinition, run
+from cdp_common.service import Runtime, ServiceDefinition
 from cdp_profile import handlers, store
 from cdp_profile.api import ProfileServicer
 
@@ -22,10 +22,3 @@ DEFINITION = ServiceDefinition(
     name="profile", schema="profile", default_port=50053, migrations=store.MIGRATIONS, build=build
 )
 
-
-def main() -> None:
-    run(DEFINITION)
-
-
-if __name__ == "__main__":
-    main()

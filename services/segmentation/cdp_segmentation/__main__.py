@@ -1,5 +1,6 @@
 """`python -m cdp_segmentation` runs the service."""
 
-from cdp_segmentation.main import main
+from cdp_common.service import run
+from cdp_segmentation.main import DEFINITION
 
-main()
+run(DEFINITION)

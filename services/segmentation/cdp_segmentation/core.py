@@ -37,14 +37,14 @@ class Segment:
 
 def parse_segment(segment_id: str, name: str, raw: Sequence[tuple[str, str, str]]) -> Segment:
     """Validates a definition; the error names the offending field (conditions[i].op, ...)."""
-    if not _SEGMENT_ID.match(segment_id):
+    if not _SEGMENT_ID.fullmatch(segment_id):
         raise InvalidSegment("id", "must be 1-63 lower-case letters, digits, '-' or '_'")
     if not raw:
         raise InvalidSegment("conditions", "at least one condition is required")
     conditions = []
     for i, (field, op, value) in enumerate(raw):
         where = f"conditions[{i}]"
-        if field not in AGGREGATES and not _TRAIT.match(field):
+        if field not in AGGREGATES and not _TRAIT.fullmatch(field):
             raise InvalidSegment(f"{where}.field", f"unknown field {field!r}; use traits.<name> or one of {AGGREGATES}")
         if op not in OPS:
             raise InvalidSegment(f"{where}.op", f"unknown operator {op!r}; use one of {OPS}")
@@ -73,6 +73,13 @@ def value_of(profile: Mapping[str, Any], field: str, now: datetime) -> Any:
     return profile.get(field)
 
 
+def _equal(actual: Any, expected: Any) -> bool:
+    # JSON true is not the number 1, although Python says so.
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return type(actual) is type(expected) and actual == expected
+    return bool(actual == expected)
+
+
 def _holds(condition: Condition, actual: Any) -> bool:
     op, expected = condition.op, condition.value
     if op == "exists":
@@ -80,11 +87,13 @@ def _holds(condition: Condition, actual: Any) -> bool:
     if actual is None:
         return op == "neq"
     if op == "eq":
-        return bool(actual == expected)
+        return _equal(actual, expected)
     if op == "neq":
-        return bool(actual != expected)
+        return not _equal(actual, expected)
     if op == "contains":
-        return isinstance(actual, str | list) and expected in actual
+        if isinstance(actual, str):
+            return isinstance(expected, str) and expected in actual
+        return isinstance(actual, list) and expected in actual
     try:
         if op == "gt":
             return bool(actual > expected)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_common.service import Runtime, ServiceDefinition, run
+from cdp_common.service import Runtime, ServiceDefinition
 from cdp_segmentation import handlers, store
 from cdp_segmentation.api import SegmentationServicer
 
@@ -23,10 +23,3 @@ DEFINITION = ServiceDefinition(
     name="segmentation", schema="segmentation", default_port=50054, migrations=store.MIGRATIONS, build=build
 )
 
-
-def main() -> None:
-    run(DEFINITION)
-
-
-if __name__ == "__main__":
-    main()
