@@ -82,14 +82,14 @@ class Topology:
     def deadletter(self, consumer: str) -> str:
         return f"{self.root}.deadletter.{consumer}"
 
-    def stream_configs(self) -> list[StreamConfig]:
+    def stream_configs(self, replicas: int = 1) -> list[StreamConfig]:
         return [
             StreamConfig(
                 name=self.stream(area),
                 subjects=[self.area_subjects(area)],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
-                num_replicas=1,
+                num_replicas=replicas,
                 max_age=MAX_AGE_SECONDS,
                 max_bytes=MAX_STREAM_BYTES,
                 max_msg_size=MAX_MESSAGE_BYTES,
@@ -100,9 +100,9 @@ class Topology:
         ]
 
 
-async def provision_streams(js: JetStreamContext, topology: Topology) -> None:
+async def provision_streams(js: JetStreamContext, topology: Topology, replicas: int = 1) -> None:
     """Creates or updates every stream; safe to run from every service at every start."""
-    for config in topology.stream_configs():
+    for config in topology.stream_configs(replicas):
         try:
             await js.stream_info(config.name)
         except nats.js.errors.NotFoundError:

@@ -177,7 +177,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
     try:
         js = nc.jetstream()
         topology = eventlog.Topology(settings.namespace)
-        await eventlog.provision_streams(js, topology)
+        await eventlog.provision_streams(js, topology, settings.stream_replicas)
         if engine is not None and definition.schema is not None:
             await db.migrate(engine, definition.schema, definition.migrations)
         runtime = Runtime(

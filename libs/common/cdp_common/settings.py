@@ -46,6 +46,8 @@ class Settings:
     grpc_listen: str
     namespace: str
     log_level: str
+    # Copies of each stream in a NATS cluster: 1 locally, 3 in production.
+    stream_replicas: int = 1
 
     @classmethod
     def from_env(
@@ -68,4 +70,11 @@ class Settings:
             grpc_listen=listen,
             namespace=namespace,
             log_level=optional("CDP_LOG_LEVEL", "info", environ).lower(),
+            stream_replicas=_replicas(optional_int("CDP_STREAM_REPLICAS", 1, environ)),
         )
+
+
+def _replicas(value: int) -> int:
+    if not 1 <= value <= 5:
+        raise SettingsError(f"environment variable CDP_STREAM_REPLICAS must be 1 to 5, got {value}")
+    return value
