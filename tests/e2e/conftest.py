@@ -62,6 +62,8 @@ class Suite:
     channels: dict[str, grpc.aio.Channel]
     js: Any
     topology: eventlog.Topology
+    # Other listeners by name, e.g. "http" for ingest's collector.
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     @property
     def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
@@ -102,11 +104,12 @@ def start_suite(
     """Returns a context manager starting the given services (all six by default)."""
     monkeypatch.setenv("CDP_SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("CDP_SMTP_PORT", str(smtp[1]))
+    monkeypatch.setenv("CDP_HTTP_LISTEN", "127.0.0.1:0")
 
     @contextlib.asynccontextmanager
     async def start(definitions: tuple[ServiceDefinition, ...] = ALL, url: str = nats_url) -> AsyncIterator[Suite]:
         async with contextlib.AsyncExitStack() as stack:
-            addresses = {}
+            addresses, endpoints = {}, {}
             for definition in definitions:
                 settings = Settings(
                     service=definition.name, nats_url=url, database_url=database_url,
@@ -114,9 +117,10 @@ def start_suite(
                 )
                 service = await stack.enter_async_context(running(definition, settings))
                 addresses[definition.name] = service.address
+                endpoints.update(service.runtime.endpoints)
             channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
             try:
-                yield Suite(addresses, channels, nc.jetstream(), eventlog.Topology(namespace))
+                yield Suite(addresses, channels, nc.jetstream(), eventlog.Topology(namespace), endpoints)
             finally:
                 for channel in channels.values():
                     await channel.close()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def track(event_id: str, event: str, minutes_ago: int, **ids: str) -> ingest_pb2.TrackRequest:
-    props = {"revenue": 150.0} if event == "Order Completed" else {}
+    props = {"order_id": f"o-{event_id}", "revenue": 150.0} if event == "Order Completed" else {}
     return ingest_pb2.TrackRequest(
         event_id=event_id, identifiers=event_pb2.Identifiers(**ids), event=event,
         properties=convert.dict_to_struct(props),

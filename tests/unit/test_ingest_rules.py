@@ -1,4 +1,4 @@
-"""cdp_ingest.core and cdp_ingest.api.to_event: what makes an incoming event acceptable."""
+"""cdp_ingest.core, and gRPC requests through to the envelope: what makes an event acceptable."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp.v1 import event_pb2
 from cdp_common import convert
 from cdp_ingest import core
-from cdp_ingest.api import to_event
+from cdp_ingest.api import to_incoming
+from cdp_ingest.ingestor import build_event
 from cdp_ingest.core import InvalidField
 
 RECEIVED = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -140,7 +141,13 @@ def test_email_from_traits(ids: dict[str, str], traits: dict[str, Any], email: s
     assert core.email_from_traits(ids, traits) == email
 
 
-# --- to_event ----------------------------------------------------------------------------------
+# --- requests to envelopes ----------------------------------------------------------------------
+
+
+def to_event(kind: str, request: Any) -> event_pb2.Event:
+    """What the gRPC servicer does with a request, without the log."""
+    return build_event(to_incoming(kind, request), received_at=datetime.now(UTC),
+                       source=getattr(request, "source", "") or "grpc")
 
 
 def _ts(moment: datetime) -> Timestamp:
@@ -151,7 +158,7 @@ def _ts(moment: datetime) -> Timestamp:
 
 def track(**kw: Any) -> ingest_pb2.TrackRequest:
     kw.setdefault("identifiers", event_pb2.Identifiers(user_id="u1"))
-    kw.setdefault("event", "Order Completed")
+    kw.setdefault("event", "Product Viewed")
     return ingest_pb2.TrackRequest(**kw)
 
 
@@ -163,7 +170,7 @@ def identify(**kw: Any) -> ingest_pb2.IdentifyRequest:
 def test_a_track_request_becomes_a_track_event() -> None:
     request = track(event_id="evt-1", event=" Order Completed ", source="web",
                     identifiers=event_pb2.Identifiers(anonymous_id="a1", custom={"loyalty_id": "L1"}),
-                    properties=convert.dict_to_struct({"revenue": 19.99, "sku": "X"}),
+                    properties=convert.dict_to_struct({"order_id": "o1", "revenue": 19.99, "sku": "X"}),
                     consent={"email": True})
     when = datetime.now(UTC) - timedelta(hours=2)
     request.timestamp.CopyFrom(_ts(when))
@@ -174,7 +181,7 @@ def test_a_track_request_becomes_a_track_event() -> None:
     assert event.source == "web"
     assert event.identifiers.anonymous_id == "a1"
     assert dict(event.identifiers.custom) == {"loyalty_id": "L1"}
-    assert convert.struct_to_dict(event.properties) == {"revenue": 19.99, "sku": "X"}
+    assert convert.struct_to_dict(event.properties) == {"order_id": "o1", "revenue": 19.99, "sku": "X"}
     assert dict(event.consent) == {"email": True}
     assert convert.to_datetime(event.occurred_at) == when
     assert convert.to_datetime(event.received_at) is not None

@@ -45,6 +45,11 @@ class Runtime:
     maybe_engine: AsyncEngine | None
     consumers: list[Consumer] = field(default_factory=list)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    # Other listeners a service opens (e.g. ingest's HTTP collector), by name.
+    endpoints: dict[str, str] = field(default_factory=dict)
+    # Called first at shutdown, after gRPC stops taking calls (e.g. closing an HTTP server).
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    log: Any = field(default_factory=lambda: structlog.get_logger("cdp.service"))
 
     def __post_init__(self) -> None:
         self._outbox = (
@@ -198,13 +203,15 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = settings.grpc_listen.rsplit(":", 1)[0]
-        log.info("service_started", grpc=f"{host}:{port}", namespace=settings.namespace)
+        log.info("service_started", grpc=f"{host}:{port}", namespace=settings.namespace, **runtime.endpoints)
         yield Running(port=port, runtime=runtime, server=server, health=health_servicer)
     finally:
         # Reverse order: stop taking RPCs, finish (or nak) the batches in hand, then disconnect.
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
         if runtime is not None:
+            for stop in runtime.on_stop:
+                await stop()
             await asyncio.gather(*(c.stop() for c in runtime.consumers))
             for task in runtime.background:
                 task.cancel()

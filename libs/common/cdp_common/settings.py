@@ -78,3 +78,12 @@ def _replicas(value: int) -> int:
     if not 1 <= value <= 5:
         raise SettingsError(f"environment variable CDP_STREAM_REPLICAS must be 1 to 5, got {value}")
     return value
+
+
+def listen_address(name: str, default: str, environ: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """A host:port setting, as (host, port)."""
+    raw = optional(name, default, environ)
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise SettingsError(f"environment variable {name} must be host:port, got {raw!r}")
+    return host, int(port)

@@ -1,86 +1,144 @@
-"""gRPC edge of ingest: translate the request, validate, append, map errors to status codes."""
+"""gRPC edge of ingest: translate requests, authenticate, hand them to the ingestor, map outcomes."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import structlog
-from google.protobuf.json_format import MessageToDict
-from nats.js import JetStreamContext
+from google.protobuf.message import Message
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog
+from cdp_common import convert
 from cdp_common.service import correlation_id
 from cdp_ingest import core
+from cdp_ingest.ingestor import INVALID, OK, Ingestor, Result, WriteKeys
 
 log = structlog.get_logger("cdp.ingest")
 
-Request = ingest_pb2.TrackRequest | ingest_pb2.IdentifyRequest
+_CODES = {OK: grpc.StatusCode.OK, INVALID: grpc.StatusCode.INVALID_ARGUMENT}
+# How many events of an Import stream are stored together.
+IMPORT_CHUNK = 500
+
+
+def to_incoming(kind: str, request: Any) -> core.Incoming:
+    """Any of the six request messages as an Incoming (field names are shared, see the proto)."""
+    ids = request.identifiers
+    present = {f.name for f, _ in request.ListFields()}
+
+    def struct(name: str) -> dict[str, Any]:
+        return convert.struct_to_dict(getattr(request, name)) if name in present else {}
+
+    return core.Incoming(
+        kind=kind,
+        event_id=request.event_id,
+        ids={name: getattr(ids, name) for name in core.BUILT_IN_IDS if getattr(ids, name)},
+        custom=dict(ids.custom),
+        name=getattr(request, "event", "") or getattr(request, "name", ""),
+        properties=struct("properties") if kind != "group" else {},
+        traits=struct("traits"),
+        timestamp=convert.to_datetime(request.timestamp),
+        sent_at=convert.to_datetime(request.sent_at),
+        context=struct("context"),
+        consent=dict(request.consent),
+        previous_id=getattr(request, "previous_id", ""),
+        group_id=getattr(request, "group_id", ""),
+        category=getattr(request, "category", ""),
+    )
+
+
+def _item_result(result: Result) -> ingest_pb2.ItemResult:
+    code = _CODES.get(result.outcome, grpc.StatusCode.UNAVAILABLE)
+    return ingest_pb2.ItemResult(
+        index=result.index, event_id=result.event_id, code=code.value[0], error=result.error,
+        stream_sequence=result.sequence, duplicate=result.duplicate,
+    )
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[misc]
-    def __init__(self, js: JetStreamContext, topology: eventlog.Topology) -> None:
-        self._js = js
-        self._topology = topology
+    def __init__(self, ingestor: Ingestor, keys: WriteKeys) -> None:
+        self._ingestor = ingestor
+        self._keys = keys
 
-    async def Track(self, request: ingest_pb2.TrackRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self._ingest("track", request, context)
+    async def _source(self, request_source: str, context: grpc.aio.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        key = metadata.get("x-write-key") or WriteKeys.from_basic(metadata.get("authorization"))
+        source = self._keys.source(key, request_source or "grpc")
+        if source is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "unknown write key: send one as x-write-key metadata"
+            )
+        return source
 
-    async def Identify(self, request: ingest_pb2.IdentifyRequest, context: grpc.aio.ServicerContext) -> Any:
-        return await self._ingest("identify", request, context)
-
-    async def _ingest(self, kind: str, request: Request, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            event = to_event(kind, request)
-        except core.InvalidField as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        event.correlation_id = correlation_id()
-        with structlog.contextvars.bound_contextvars(event_id=event.id):
-            try:
-                [stored] = await eventlog.publish_events(
-                    self._js, [eventlog.Outgoing(self._topology.collected(kind), event)]
-                )
-            except eventlog.LOG_UNAVAILABLE as error:
-                log.warning("log_unavailable", error=repr(error))
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the event log is unavailable; retry with the same event_id",
-                )
-            log.info("event_collected", type=kind, sequence=stored.sequence, duplicate=stored.duplicate)
+    async def _single(self, kind: str, request: Message, context: grpc.aio.ServicerContext) -> Any:
+        source = await self._source(getattr(request, "source", ""), context)
+        [result] = await self._ingestor.ingest([to_incoming(kind, request)], source=source, correlation_id=correlation_id())
+        if result.outcome == INVALID:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+        if result.outcome != OK:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, result.error)
+        log.info("event_collected", type=kind, event_id=result.event_id, sequence=result.sequence,
+                 duplicate=result.duplicate)
         return ingest_pb2.IngestResponse(
-            event_id=event.id, stream_sequence=stored.sequence, duplicate=stored.duplicate
+            event_id=result.event_id, stream_sequence=result.sequence, duplicate=result.duplicate
         )
 
+    async def Track(self, request: ingest_pb2.TrackRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._single("track", request, context)
 
-def to_event(kind: str, request: Request) -> event_pb2.Event:
-    """The envelope for a valid request; raises InvalidField naming what is wrong."""
-    ids = {
-        name: getattr(request.identifiers, name)
-        for name in ("user_id", "anonymous_id", "email", "phone", "device_id")
-        if getattr(request.identifiers, name)
-    }
-    custom = dict(request.identifiers.custom)
-    core.check_identifiers(ids, custom)
-    event = eventlog.new_event(kind, event_id=core.event_id(request.event_id), source=request.source or "grpc")
-    received = convert.to_datetime(event.received_at)
-    assert received is not None
-    moment = core.occurred_at(convert.to_datetime(request.timestamp), received)
-    event.occurred_at.CopyFrom(eventlog.timestamp(moment))
-    event.identifiers.CopyFrom(request.identifiers)
-    event.context.CopyFrom(request.context)
-    event.consent.update(request.consent)
-    if isinstance(request, ingest_pb2.TrackRequest):
-        event.name = core.check_name(request.event)
-        core.check_fields("properties", request.properties.fields)
-        event.properties.CopyFrom(request.properties)
-    else:
-        core.check_fields("traits", request.traits.fields)
-        event.traits.CopyFrom(request.traits)
-        email = core.email_from_traits(ids, MessageToDict(request.traits))
-        if email and "@" not in email:
-            raise core.InvalidField("traits.email", "is not an email address")
-        if email:
-            event.identifiers.email = email
-    return event
+    async def Identify(self, request: ingest_pb2.IdentifyRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._single("identify", request, context)
+
+    async def Alias(self, request: ingest_pb2.AliasRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._single("alias", request, context)
+
+    async def Page(self, request: ingest_pb2.PageRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._single("page", request, context)
+
+    async def Screen(self, request: ingest_pb2.ScreenRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._single("screen", request, context)
+
+    async def Group(self, request: ingest_pb2.GroupRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._single("group", request, context)
+
+    async def Batch(self, request: ingest_pb2.BatchRequest, context: grpc.aio.ServicerContext) -> Any:
+        source = await self._source("", context)
+        if len(request.items) > core.MAX_BATCH_EVENTS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"items: more than {core.MAX_BATCH_EVENTS} events in one batch"
+            )
+        results = await self._store(request.items, source)
+        stored = sum(1 for r in results if r.outcome == OK)
+        log.info("batch_collected", events=len(results), stored=stored)
+        return ingest_pb2.BatchResponse(
+            results=[_item_result(r) for r in results], stored=stored, rejected=len(results) - stored
+        )
+
+    async def Import(
+        self, request_iterator: AsyncIterator[ingest_pb2.BatchItem], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.ItemResult]:
+        source = await self._source("", context)
+        chunk: list[ingest_pb2.BatchItem] = []
+        offset = 0
+        async for item in request_iterator:
+            chunk.append(item)
+            if len(chunk) >= IMPORT_CHUNK:
+                for result in await self._store(chunk, source, offset):
+                    yield _item_result(result)
+                offset += len(chunk)
+                chunk = []
+        if chunk:
+            for result in await self._store(chunk, source, offset):
+                yield _item_result(result)
+
+    async def _store(self, items: Sequence[ingest_pb2.BatchItem], source: str, offset: int = 0) -> list[Result]:
+        incoming: list[core.Incoming | core.InvalidField] = []
+        for item in items:
+            kind = item.WhichOneof("kind")
+            incoming.append(
+                to_incoming(kind, getattr(item, kind)) if kind else core.InvalidField("kind", "empty batch item")
+            )
+        results = await self._ingestor.ingest(incoming, source=source, correlation_id=correlation_id())
+        return [replace(r, index=r.index + offset) for r in results]

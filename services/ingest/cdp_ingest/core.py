@@ -1,21 +1,33 @@
-"""What makes an incoming event acceptable; pure, no I/O."""
+"""What makes an incoming event acceptable, whatever door it came through; pure, no I/O.
+
+gRPC requests and Segment-style JSON both become an `Incoming`; `accept` validates it and
+returns the `Accepted` event, or raises `InvalidField` naming what is wrong.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from cdp_common.identifiers import valid_custom_type
 
+KINDS = ("track", "identify", "alias", "page", "screen", "group")
+BUILT_IN_IDS = ("user_id", "anonymous_id", "email", "phone", "device_id")
 MAX_ID_LENGTH = 256
 MAX_NAME_LENGTH = 200
 MAX_FIELDS = 500
+# Segment refuses events over 32 KB; so do we (measured as the stored envelope).
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_EVENTS = 2500
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_FUTURE = timedelta(hours=24)
 MAX_PAST = timedelta(days=365 * 5)
-_EVENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class InvalidField(ValueError):
@@ -25,6 +37,44 @@ class InvalidField(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One event as a client sent it, before validation."""
+
+    kind: str
+    event_id: str = ""
+    ids: Mapping[str, str] = field(default_factory=dict)
+    custom: Mapping[str, str] = field(default_factory=dict)
+    # The track event name, or the page/screen name.
+    name: str = ""
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    traits: Mapping[str, Any] = field(default_factory=dict)
+    timestamp: datetime | None = None
+    sent_at: datetime | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+    consent: Mapping[str, bool] = field(default_factory=dict)
+    previous_id: str = ""
+    group_id: str = ""
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A valid event, ready for the envelope."""
+
+    kind: str
+    event_id: str
+    ids: Mapping[str, str]
+    custom: Mapping[str, str]
+    name: str
+    properties: Mapping[str, Any]
+    # User traits: only identify sets them (a group's traits are the group's, in properties).
+    traits: Mapping[str, Any]
+    occurred_at: datetime
+    context: Mapping[str, Any]
+    consent: Mapping[str, bool]
 
 
 def event_id(requested: str, new_id: str | None = None) -> str:
@@ -39,6 +89,8 @@ def event_id(requested: str, new_id: str | None = None) -> str:
 def check_identifiers(ids: Mapping[str, str], custom: Mapping[str, str]) -> None:
     """Segment's rule: every event names the user (user_id) or the visitor (anonymous_id)."""
     for name, value in [*ids.items(), *(("custom." + k, v) for k, v in custom.items())]:
+        if not isinstance(value, str):
+            raise InvalidField(f"identifiers.{name}", "must be a string")
         if len(value) > MAX_ID_LENGTH:
             raise InvalidField(f"identifiers.{name}", f"longer than {MAX_ID_LENGTH} characters")
         if value != value.strip():
@@ -55,23 +107,29 @@ def check_identifiers(ids: Mapping[str, str], custom: Mapping[str, str]) -> None
         raise InvalidField("identifiers.email", "is not an email address")
 
 
-def check_name(name: str) -> str:
-    if not name.strip():
-        raise InvalidField("event", "is required")
+def check_name(name: str, field_name: str = "event", required: bool = True) -> str:
+    if required and not name.strip():
+        raise InvalidField(field_name, "is required")
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidField("event", f"longer than {MAX_NAME_LENGTH} characters")
+        raise InvalidField(field_name, f"longer than {MAX_NAME_LENGTH} characters")
     return name.strip()
 
 
-def check_fields(field: str, values: Mapping[str, Any]) -> None:
+def check_fields(field_name: str, values: Mapping[str, Any]) -> None:
     if len(values) > MAX_FIELDS:
-        raise InvalidField(field, f"more than {MAX_FIELDS} entries")
+        raise InvalidField(field_name, f"more than {MAX_FIELDS} entries")
 
 
-def occurred_at(client_time: datetime | None, received_at: datetime) -> datetime:
-    """The client's time if plausible; the receive time when the client gave none."""
+def occurred_at(client_time: datetime | None, received_at: datetime, sent_at: datetime | None = None) -> datetime:
+    """When it happened, in server time.
+
+    With sent_at, the client's clock skew is removed the way Segment does it:
+    received_at - (sent_at - timestamp). Without a timestamp, the receive time.
+    """
     if client_time is None:
         return received_at
+    if sent_at is not None:
+        client_time = received_at - (sent_at - client_time)
     if client_time - received_at > MAX_FUTURE:
         raise InvalidField("timestamp", "is more than 24 hours in the future")
     if received_at - client_time > MAX_PAST:
@@ -83,3 +141,222 @@ def email_from_traits(ids: Mapping[str, str], traits: Mapping[str, Any]) -> str:
     """Segment sends the email as a trait; it is also an identifier."""
     email = ids.get("email") or traits.get("email") or ""
     return email.strip() if isinstance(email, str) else ""
+
+
+# --- semantic events: the sources the product promises, with typed properties -------------------
+
+TEXT, NUMBER, INTEGER, LIST = "text", "number", "integer", "list"
+_PRODUCT = {"product_id": TEXT, "sku": TEXT, "name": TEXT, "category": TEXT, "price": NUMBER, "quantity": INTEGER}
+
+# name -> {property: (type, required)}; documented in docs/events.md.
+SEMANTIC_EVENTS: dict[str, dict[str, tuple[str, bool]]] = {
+    # orders
+    "Order Completed": {"order_id": (TEXT, True), "revenue": (NUMBER, False), "total": (NUMBER, False),
+                        "currency": (TEXT, False), "products": (LIST, False), "coupon": (TEXT, False)},
+    "Order Refunded": {"order_id": (TEXT, True), "total": (NUMBER, False), "currency": (TEXT, False),
+                       "products": (LIST, False)},
+    # web and app behaviour
+    "Product Viewed": {"product_id": (TEXT, False), "sku": (TEXT, False), "price": (NUMBER, False),
+                       "category": (TEXT, False)},
+    "Cart Updated": {"cart_id": (TEXT, False), "products": (LIST, False), "value": (NUMBER, False)},
+    "Checkout Started": {"order_id": (TEXT, False), "value": (NUMBER, False), "products": (LIST, False)},
+    # email engagement
+    "Email Delivered": {"campaign_id": (TEXT, False), "email_id": (TEXT, False)},
+    "Email Opened": {"campaign_id": (TEXT, False), "email_id": (TEXT, False)},
+    "Email Link Clicked": {"campaign_id": (TEXT, False), "email_id": (TEXT, False), "link_url": (TEXT, False)},
+    "Email Bounced": {"campaign_id": (TEXT, False), "email_id": (TEXT, False), "reason": (TEXT, False)},
+    "Unsubscribed": {"campaign_id": (TEXT, False), "list_id": (TEXT, False)},
+    # CRM
+    "CRM Record Updated": {"record_id": (TEXT, True), "record_type": (TEXT, False)},
+    # loyalty
+    "Loyalty Points Earned": {"points": (INTEGER, True), "balance": (INTEGER, False), "reason": (TEXT, False)},
+    "Loyalty Tier Changed": {"tier": (TEXT, True), "previous_tier": (TEXT, False)},
+    # customer service
+    "Ticket Opened": {"ticket_id": (TEXT, True), "channel": (TEXT, False), "subject": (TEXT, False)},
+    "Ticket Resolved": {"ticket_id": (TEXT, True)},
+    "Satisfaction Rated": {"ticket_id": (TEXT, False), "score": (NUMBER, True)},
+}
+
+
+def _is(kind: str, value: Any) -> bool:
+    if kind == TEXT:
+        return isinstance(value, str)
+    if kind == LIST:
+        return isinstance(value, list)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not math.isfinite(value):
+        return False
+    return kind == NUMBER or float(value).is_integer()
+
+
+def check_semantic(name: str, properties: Mapping[str, Any]) -> None:
+    spec = SEMANTIC_EVENTS.get(name)
+    if spec is None:
+        return
+    for key, (kind, required) in spec.items():
+        value = properties.get(key)
+        if value is None:
+            if required:
+                raise InvalidField(f"properties.{key}", f"is required for {name!r}")
+            continue
+        if not _is(kind, value):
+            raise InvalidField(f"properties.{key}", f"must be {'an' if kind == INTEGER else 'a'} {kind} for {name!r}")
+        if key == "products":
+            for i, product in enumerate(value):
+                if not isinstance(product, Mapping):
+                    raise InvalidField(f"properties.products[{i}]", "must be an object")
+                for pkey, pkind in _PRODUCT.items():
+                    if product.get(pkey) is not None and not _is(pkind, product[pkey]):
+                        raise InvalidField(f"properties.products[{i}].{pkey}", f"must be a {pkind}")
+
+
+def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> Accepted:
+    """The valid event, or InvalidField naming the first thing wrong with it."""
+    if item.kind not in KINDS:
+        raise InvalidField("type", f"must be one of {', '.join(KINDS)}")
+    identifier = event_id(item.event_id, new_id)
+    ids = {k: v for k, v in item.ids.items() if v}
+    custom = {k: v for k, v in item.custom.items() if v}
+    properties = dict(item.properties)
+    traits: dict[str, Any] = {}
+    name = ""
+    if item.kind == "alias":
+        previous = check_name(item.previous_id, "previous_id")
+        if not ids.get("user_id"):
+            raise InvalidField("identifiers.user_id", "is required for alias")
+        if len(previous) > MAX_ID_LENGTH:
+            raise InvalidField("previous_id", f"longer than {MAX_ID_LENGTH} characters")
+        properties["previous_id"] = previous
+        # The previous id is usually the anonymous id: identity links it to the user.
+        ids.setdefault("anonymous_id", previous)
+    check_identifiers(ids, custom)
+    check_fields("properties", item.properties)
+    check_fields("context", item.context)
+    if item.kind == "track":
+        name = check_name(item.name)
+        check_semantic(name, properties)
+    elif item.kind in ("page", "screen"):
+        name = check_name(item.name, "name", required=False)
+        if item.category:
+            properties["category"] = check_name(item.category, "category")
+    elif item.kind == "identify":
+        check_fields("traits", item.traits)
+        traits = dict(item.traits)
+        email = email_from_traits(ids, traits)
+        if email and "@" not in email:
+            raise InvalidField("traits.email", "is not an email address")
+        if email:
+            ids["email"] = email
+    elif item.kind == "group":
+        check_fields("traits", item.traits)
+        properties["group_id"] = check_name(item.group_id, "group_id")
+        properties["group_traits"] = dict(item.traits)
+    return Accepted(
+        kind=item.kind,
+        event_id=identifier,
+        ids=ids,
+        custom=custom,
+        name=name,
+        properties=properties,
+        traits=traits,
+        occurred_at=occurred_at(item.timestamp, received_at, item.sent_at),
+        context=item.context,
+        consent=item.consent,
+    )
+
+
+# --- the Segment / RudderStack tracking API's JSON ------------------------------------------------
+
+# Our field names (used in errors) as the Segment spec spells them.
+SEGMENT_FIELD_NAMES = {
+    "event_id": "messageId",
+    "identifiers.user_id": "userId",
+    "identifiers.anonymous_id": "anonymousId",
+    "identifiers": "userId",
+    "previous_id": "previousId",
+    "group_id": "groupId",
+    "sent_at": "sentAt",
+}
+
+
+def segment_field(name: str) -> str:
+    if name == "identifiers":
+        return "userId or anonymousId"
+    for ours, theirs in SEGMENT_FIELD_NAMES.items():
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):]
+    return name
+
+
+def _time(value: Any, name: str) -> datetime | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise InvalidField(name, "must be an ISO 8601 time")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidField(name, f"not an ISO 8601 time: {value!r}") from None
+    if moment.tzinfo is None:
+        raise InvalidField(name, "needs a time zone (e.g. 'Z')")
+    return moment
+
+
+def _text(payload: Mapping[str, Any], key: str, ours: str) -> str:
+    value = payload.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Segment's libraries send numeric user ids as numbers.
+        return str(value)
+    if not isinstance(value, str):
+        raise InvalidField(ours, "must be a string")
+    return value
+
+
+def _object(payload: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = payload.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidField(key, "must be a JSON object")
+    return value
+
+
+def from_segment(payload: Any, kind: str | None = None, batch_sent_at: datetime | None = None) -> Incoming:
+    """One Segment-spec message (https://segment.com/docs/connections/spec/) as an Incoming."""
+    if not isinstance(payload, Mapping):
+        raise InvalidField("event", "must be a JSON object")
+    kind = kind or _text(payload, "type", "type")
+    if kind not in KINDS:
+        raise InvalidField("type", f"must be one of {', '.join(KINDS)}")
+    context = _object(payload, "context")
+    traits = _object(payload, "traits")
+    ids = {
+        "user_id": _text(payload, "userId", "identifiers.user_id"),
+        "anonymous_id": _text(payload, "anonymousId", "identifiers.anonymous_id"),
+    }
+    for key in ("email", "phone", "device_id"):
+        value = payload.get(key)
+        if isinstance(value, str):
+            ids[key] = value
+    custom = _object(payload, "externalIds")
+    consent = {k: bool(v) for k, v in _object(payload, "consent").items()}
+    sent_at = _time(payload.get("sentAt"), "sent_at") or batch_sent_at
+    return Incoming(
+        kind=kind,
+        event_id=_text(payload, "messageId", "event_id"),
+        ids=ids,
+        custom={str(k): v for k, v in custom.items()},
+        name=_text(payload, "event" if kind == "track" else "name", "event" if kind == "track" else "name"),
+        properties=_object(payload, "properties"),
+        traits=traits,
+        timestamp=_time(payload.get("timestamp") or payload.get("originalTimestamp"), "timestamp"),
+        sent_at=sent_at,
+        context=context,
+        consent=consent,
+        previous_id=_text(payload, "previousId", "previous_id"),
+        group_id=_text(payload, "groupId", "group_id"),
+        category=_text(payload, "category", "category"),
+    )
