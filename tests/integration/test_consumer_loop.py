@@ -41,7 +41,8 @@ async def handler(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eve
 def make_consumer(nc: NATS, engine: AsyncEngine, topology: eventlog.Topology) -> Consumer:
     js = nc.jetstream()
     return Consumer(
-        js=js, engine=engine, outbox=db.Outbox(engine, js, SCHEMA), schema=SCHEMA, topology=topology,
+        js=js, engine=engine, outbox=db.Outbox(engine, eventlog.Publisher(nc), SCHEMA), schema=SCHEMA,
+        topology=topology,
         spec=ConsumerSpec(durable="looptest-count", area="collected", batch=7, max_attempts=3,
                           retry_backoff_seconds=0.01),
         handler=handler,
@@ -54,7 +55,9 @@ async def publish(nc: NATS, topology: eventlog.Topology, names: list[str]) -> No
         event = eventlog.new_event("track", event_id=f"ev-{i}", source="test")
         event.name = name
         events.append(eventlog.Outgoing(topology.collected("track"), event))
-    await eventlog.publish_events(nc.jetstream(), events)
+    publisher = eventlog.Publisher(nc)
+    await publisher.publish_events(events)
+    await publisher.close()
 
 
 async def count(engine: AsyncEngine) -> int:
@@ -114,7 +117,9 @@ async def test_streams_keep_duplicates_out_for_a_day(nc: NATS, namespace: str) -
     info = await js.stream_info(topology.stream("collected"))
     assert info.config.duplicate_window == eventlog.DUPLICATE_WINDOW_SECONDS
     event = eventlog.new_event("track", event_id="same-id", source="test")
-    first, second = await eventlog.publish_events(js, [eventlog.Outgoing(topology.collected("track"), event)] * 2)
+    publisher = eventlog.Publisher(nc)
+    first, second = await publisher.publish_events([eventlog.Outgoing(topology.collected("track"), event)] * 2)
+    await publisher.close()
     assert not first.duplicate and second.duplicate
     assert (await js.stream_info(topology.stream("collected"))).state.messages == 1
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -28,12 +28,17 @@ SERVICES = (
 )
 
 
+# Listeners besides gRPC: (service, setting, default port, name).
+EXTRA_LISTENERS = (("ingest", "CDP_HTTP_LISTEN", 8088, "http"),)
+
+
 @dataclass
 class ServiceProcess:
     name: str
     address: str
     process: subprocess.Popen[bytes]
     log_file: Path
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _port_free(port: int) -> bool:
@@ -72,6 +77,12 @@ def services(data_dir: Path, settings: Mapping[str, str], timeout: float = 60.0)
         for name, module, default_port in SERVICES:
             port = default_port if _port_free(default_port) else free_port()
             env = {**os.environ, **settings, "CDP_GRPC_LISTEN": f"127.0.0.1:{port}"}
+            extra = {}
+            for service_name, setting, extra_port, label in EXTRA_LISTENERS:
+                if service_name == name:
+                    chosen = extra_port if _port_free(extra_port) else free_port()
+                    env[setting] = f"127.0.0.1:{chosen}"
+                    extra[label] = f"http://127.0.0.1:{chosen}"
             log_file = logs / f"{name}.log"
             out = open(log_file, "ab")  # noqa: SIM115 - handed to the child
             # Own session: Ctrl-C reaches only `cdp`, which stops the services before the servers.
@@ -79,7 +90,7 @@ def services(data_dir: Path, settings: Mapping[str, str], timeout: float = 60.0)
                 [sys.executable, "-m", module], env=env, stdout=out, stderr=out, start_new_session=True
             )
             out.close()
-            running.append(ServiceProcess(name, f"127.0.0.1:{port}", process, log_file))
+            running.append(ServiceProcess(name, f"127.0.0.1:{port}", process, log_file, extra))
         deadline = time.monotonic() + timeout
         for service in running:
             while not healthy(service.address):

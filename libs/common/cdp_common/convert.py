@@ -1,23 +1,77 @@
-"""Conversions between protobuf well-known types and plain Python values (edge helper)."""
+"""Conversions between protobuf well-known types and plain Python values (edge helper).
+
+Per-message Python overhead is this platform's ceiling, so these avoid json_format: reading a
+Struct field by field is about twice as fast, and copying a Struct whole is a C-level copy.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 
+def value_to_python(value: Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {key: value_to_python(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [value_to_python(item) for item in value.list_value.values]
+    return None
+
+
 def struct_to_dict(struct: Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+    return {key: value_to_python(item) for key, item in struct.fields.items()}
 
 
-def dict_to_struct(values: dict[str, Any]) -> Struct:
+def dict_to_struct(values: Mapping[str, Any]) -> Struct:
     struct = Struct()
-    struct.update(values)
+    set_struct(struct, values)
     return struct
+
+
+def set_struct(target: Struct, values: Mapping[str, Any]) -> None:
+    """Fills `target`; a StructView is copied whole instead of converted value by value."""
+    if isinstance(values, StructView):
+        target.CopyFrom(values.struct)
+    elif values:
+        target.update(values)
+
+
+class StructView(Mapping[str, Any]):
+    """A read-only Mapping over a Struct that converts only the values it is asked for."""
+
+    __slots__ = ("struct",)
+
+    def __init__(self, struct: Struct) -> None:
+        self.struct = struct
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.struct.fields:
+            raise KeyError(key)
+        return value_to_python(self.struct.fields[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.struct.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        fields = self.struct.fields
+        return value_to_python(fields[key]) if key in fields else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.struct.fields)
+
+    def __len__(self) -> int:
+        return len(self.struct.fields)
 
 
 def to_datetime(ts: Timestamp) -> datetime | None:

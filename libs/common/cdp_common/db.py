@@ -8,7 +8,6 @@ import re
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -86,9 +85,9 @@ class Outbox:
     is dropped by JetStream's duplicate window.
     """
 
-    def __init__(self, engine: AsyncEngine, js: JetStreamContext, schema: str) -> None:
+    def __init__(self, engine: AsyncEngine, publisher: eventlog.Publisher, schema: str) -> None:
         self._engine = engine
-        self._js = js
+        self._publisher = publisher
         self._schema = schema
         self._lock = asyncio.Lock()
 
@@ -127,9 +126,7 @@ class Outbox:
                     ).all()
                 if not rows:
                     return published
-                await eventlog.publish(
-                    self._js, [(r.subject, bytes(r.payload), dict(r.headers)) for r in rows]
-                )
+                await self._publisher.publish([(r.subject, bytes(r.payload), dict(r.headers)) for r in rows])
                 async with self._engine.begin() as conn:
                     await conn.execute(
                         text(f"DELETE FROM {self._schema}.outbox WHERE id = ANY(:ids)"),

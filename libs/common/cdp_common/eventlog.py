@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import nats.errors
 import nats.js.errors
 from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
@@ -42,6 +47,7 @@ LOG_UNAVAILABLE = (
     nats.errors.OutboundBufferLimitError,
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
+    nats.errors.NoServersError,
     asyncio.TimeoutError,
     ConnectionError,
     OSError,
@@ -177,25 +183,83 @@ class Stored:
     duplicate: bool
 
 
-async def publish(
-    js: JetStreamContext,
-    messages: Sequence[tuple[str, bytes, dict[str, str]]],
-    timeout: float = PUBLISH_TIMEOUT_SECONDS,
-) -> list[Stored]:
-    """Publishes pipelined and returns only once JetStream has stored every message."""
-    if len(messages) == 1:
-        subject, payload, headers = messages[0]
-        ack = await js.publish(subject, payload, timeout=timeout, headers=headers)
-        return [Stored(ack.stream, ack.seq, bool(ack.duplicate))]
-    futures = [
-        await js.publish_async(subject, payload, headers=headers, wait_stall=timeout)
-        for subject, payload, headers in messages
-    ]
-    acks = await asyncio.wait_for(asyncio.gather(*futures), timeout)
-    return [Stored(ack.stream, ack.seq, bool(ack.duplicate)) for ack in acks]
+class PublishError(Exception):
+    """JetStream refused a message (e.g. no stream for the subject, or the message is too large)."""
 
 
-async def publish_events(
-    js: JetStreamContext, outgoing: Sequence[Outgoing], timeout: float = PUBLISH_TIMEOUT_SECONDS
-) -> list[Stored]:
-    return await publish(js, [(o.subject, encode(o.event), o.headers()) for o in outgoing], timeout)
+class Publisher:
+    """Pipelined JetStream publishing that returns only once every message is stored.
+
+    Each message is published with its own reply subject under one inbox subscription, and the
+    acknowledgements are matched back by token. This does what nats-py's `publish_async` does
+    without its per-message `wait_for` and ack object, which made it about 2.5x slower here.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._sub: Any = None
+        self._pending: dict[str, asyncio.Future[Stored]] = {}
+        self._counter = 0
+        self._lock = asyncio.Lock()
+
+    async def _ensure_subscribed(self) -> None:
+        if self._sub is None:
+            async with self._lock:
+                if self._sub is None:
+                    self._prefix = self._nc.new_inbox()
+                    self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self._prefix) + 1 :], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(nats.errors.NoRespondersError())
+            return
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            future.set_exception(PublishError(f"unreadable JetStream acknowledgement: {msg.data[:200]!r}"))
+            return
+        if "error" in reply:
+            future.set_exception(PublishError(str(reply["error"].get("description", reply["error"]))))
+            return
+        future.set_result(Stored(reply.get("stream", ""), int(reply.get("seq", 0)), bool(reply.get("duplicate"))))
+
+    async def publish(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], timeout: float = PUBLISH_TIMEOUT_SECONDS
+    ) -> list[Stored]:
+        await self._ensure_subscribed()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Stored]] = []
+        tokens: list[str] = []
+        try:
+            for subject, payload, headers in messages:
+                self._counter += 1
+                token = str(self._counter)
+                future: asyncio.Future[Stored] = loop.create_future()
+                self._pending[token] = future
+                tokens.append(token)
+                futures.append(future)
+                await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        finally:
+            for token in tokens:
+                self._pending.pop(token, None)
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved, so asyncio does not warn about it
+
+    async def publish_events(
+        self, outgoing: Sequence[Outgoing], timeout: float = PUBLISH_TIMEOUT_SECONDS
+    ) -> list[Stored]:
+        return await self.publish([(o.subject, encode(o.event), o.headers()) for o in outgoing], timeout)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None

@@ -52,8 +52,9 @@ class Runtime:
     log: Any = field(default_factory=lambda: structlog.get_logger("cdp.service"))
 
     def __post_init__(self) -> None:
+        self.publisher = eventlog.Publisher(self.nc)
         self._outbox = (
-            db.Outbox(self.maybe_engine, self.js, self.schema)
+            db.Outbox(self.maybe_engine, self.publisher, self.schema)
             if self.maybe_engine is not None and self.schema is not None
             else None
         )
@@ -216,6 +217,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
             for task in runtime.background:
                 task.cancel()
             await asyncio.gather(*runtime.background, return_exceptions=True)
+            await runtime.publisher.close()
         with contextlib.suppress(Exception):
             await nc.drain()
         if engine is not None:

@@ -6,7 +6,6 @@ from typing import Any
 
 import grpc
 import structlog
-from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp.dmp.v1 import dmp_pb2, dmp_pb2_grpc
@@ -18,9 +17,9 @@ log = structlog.get_logger("cdp.dmp")
 
 
 class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: AsyncEngine, js: JetStreamContext, topology: eventlog.Topology) -> None:
+    def __init__(self, engine: AsyncEngine, publisher: eventlog.Publisher, topology: eventlog.Topology) -> None:
         self._engine = engine
-        self._js = js
+        self._publisher = publisher
         self._topology = topology
 
     async def ExportAudience(
@@ -48,7 +47,7 @@ class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[
         fresh = [c for c in conversions if c.conversion_id not in done]
         outgoing = [self._event(platform, c) for c in fresh]
         try:
-            stored = await eventlog.publish_events(self._js, outgoing) if outgoing else []
+            stored = await self._publisher.publish_events(outgoing) if outgoing else []
         except eventlog.LOG_UNAVAILABLE:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the event log is unavailable; retry the same file, nothing is doubled"

@@ -14,7 +14,7 @@ from cdp_dmp.api import DmpBridgeServicer
 
 async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     dmp_pb2_grpc.add_DmpBridgeServiceServicer_to_server(
-        DmpBridgeServicer(runtime.engine, runtime.js, runtime.topology), server
+        DmpBridgeServicer(runtime.engine, runtime.publisher, runtime.topology), server
     )
     runtime.consumer(handlers.IDENTITIES, handlers.on_profile)
     runtime.consumer(handlers.AUDIENCES, handlers.on_membership)

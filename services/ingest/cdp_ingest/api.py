@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,8 +28,9 @@ def to_incoming(kind: str, request: Any) -> core.Incoming:
     ids = request.identifiers
     present = {f.name for f, _ in request.ListFields()}
 
-    def struct(name: str) -> dict[str, Any]:
-        return convert.struct_to_dict(getattr(request, name)) if name in present else {}
+    def struct(name: str) -> Mapping[str, Any]:
+        # A view, not a copy: the envelope copies the Struct whole when nothing was added.
+        return convert.StructView(getattr(request, name)) if name in present else {}
 
     return core.Incoming(
         kind=kind,

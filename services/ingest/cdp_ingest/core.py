@@ -195,7 +195,7 @@ def check_semantic(name: str, properties: Mapping[str, Any]) -> None:
     if spec is None:
         return
     for key, (kind, required) in spec.items():
-        value = properties.get(key)
+        value = properties.get(key) if key in properties else None
         if value is None:
             if required:
                 raise InvalidField(f"properties.{key}", f"is required for {name!r}")
@@ -218,8 +218,9 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
     identifier = event_id(item.event_id, new_id)
     ids = {k: v for k, v in item.ids.items() if v}
     custom = {k: v for k, v in item.custom.items() if v}
-    properties = dict(item.properties)
-    traits: dict[str, Any] = {}
+    # Copied only when something is added, so a gRPC Struct travels to the envelope untouched.
+    properties: Mapping[str, Any] = item.properties
+    traits: Mapping[str, Any] = {}
     name = ""
     if item.kind == "alias":
         previous = check_name(item.previous_id, "previous_id")
@@ -227,7 +228,7 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
             raise InvalidField("identifiers.user_id", "is required for alias")
         if len(previous) > MAX_ID_LENGTH:
             raise InvalidField("previous_id", f"longer than {MAX_ID_LENGTH} characters")
-        properties["previous_id"] = previous
+        properties = {**properties, "previous_id": previous}
         # The previous id is usually the anonymous id: identity links it to the user.
         ids.setdefault("anonymous_id", previous)
     check_identifiers(ids, custom)
@@ -239,10 +240,10 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
     elif item.kind in ("page", "screen"):
         name = check_name(item.name, "name", required=False)
         if item.category:
-            properties["category"] = check_name(item.category, "category")
+            properties = {**properties, "category": check_name(item.category, "category")}
     elif item.kind == "identify":
         check_fields("traits", item.traits)
-        traits = dict(item.traits)
+        traits = item.traits
         email = email_from_traits(ids, traits)
         if email and "@" not in email:
             raise InvalidField("traits.email", "is not an email address")
@@ -250,8 +251,8 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
             ids["email"] = email
     elif item.kind == "group":
         check_fields("traits", item.traits)
-        properties["group_id"] = check_name(item.group_id, "group_id")
-        properties["group_traits"] = dict(item.traits)
+        properties = {**properties, "group_id": check_name(item.group_id, "group_id"),
+                      "group_traits": dict(item.traits)}
     return Accepted(
         kind=item.kind,
         event_id=identifier,

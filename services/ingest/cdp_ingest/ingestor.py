@@ -10,11 +10,10 @@ from datetime import datetime
 
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
-from nats.js import JetStreamContext
 
 from cdp.v1 import event_pb2
 
-from cdp_common import eventlog
+from cdp_common import convert, eventlog
 from cdp_common.settings import SettingsError
 from cdp_ingest import core
 
@@ -86,22 +85,23 @@ def envelope(accepted: core.Accepted, *, received_at: Timestamp, source: str, co
         consent=accepted.consent,
     )
     event.received_at.CopyFrom(received_at)
-    event.occurred_at.CopyFrom(eventlog.timestamp(accepted.occurred_at))
-    if accepted.properties:
-        event.properties.update(accepted.properties)
-    if accepted.traits:
-        event.traits.update(accepted.traits)
-    if accepted.context:
-        event.context.update(accepted.context)
+    if accepted.occurred_at == received_at.ToDatetime(tzinfo=accepted.occurred_at.tzinfo):
+        event.occurred_at.CopyFrom(received_at)
+    else:
+        event.occurred_at.CopyFrom(eventlog.timestamp(accepted.occurred_at))
+    convert.set_struct(event.properties, accepted.properties)
+    convert.set_struct(event.traits, accepted.traits)
+    convert.set_struct(event.context, accepted.context)
     return event
 
 
 def build_event(
-    item: core.Incoming, *, received_at: datetime, source: str, correlation_id: str = ""
+    item: core.Incoming, *, received_at: datetime, source: str, correlation_id: str = "",
+    received_ts: Timestamp | None = None,
 ) -> event_pb2.Event:
     """The envelope of a valid item; InvalidField otherwise (including when it is too large)."""
     accepted = core.accept(item, received_at)
-    event = envelope(accepted, received_at=eventlog.timestamp(received_at), source=source,
+    event = envelope(accepted, received_at=received_ts or eventlog.timestamp(received_at), source=source,
                      correlation_id=correlation_id)
     if event.ByteSize() > core.MAX_EVENT_BYTES:
         raise core.InvalidField("event", f"larger than {core.MAX_EVENT_BYTES // 1024} KiB")
@@ -109,8 +109,8 @@ def build_event(
 
 
 class Ingestor:
-    def __init__(self, js: JetStreamContext, topology: eventlog.Topology) -> None:
-        self._js = js
+    def __init__(self, publisher: eventlog.Publisher, topology: eventlog.Topology) -> None:
+        self._publisher = publisher
         self._topology = topology
 
     async def ingest(
@@ -118,13 +118,15 @@ class Ingestor:
     ) -> list[Result]:
         """Stores every valid item (pipelined) and reports each by index; never half-reports."""
         received_at = eventlog.now()
+        received_ts = eventlog.timestamp(received_at)
         results: list[Result | None] = [None] * len(items)
         outgoing: list[tuple[int, eventlog.Outgoing]] = []
         for index, item in enumerate(items):
             try:
                 if isinstance(item, core.InvalidField):
                     raise item
-                event = build_event(item, received_at=received_at, source=source, correlation_id=correlation_id)
+                event = build_event(item, received_at=received_at, source=source, correlation_id=correlation_id,
+                                    received_ts=received_ts)
             except core.InvalidField as error:
                 event_id = item.event_id if isinstance(item, core.Incoming) else ""
                 results[index] = Result(index, event_id, INVALID, str(error), error.field)
@@ -132,7 +134,7 @@ class Ingestor:
             outgoing.append((index, eventlog.Outgoing(self._topology.collected(event.type), event)))
         if outgoing:
             try:
-                stored = await eventlog.publish_events(self._js, [o for _, o in outgoing])
+                stored = await self._publisher.publish_events([o for _, o in outgoing])
             except eventlog.LOG_UNAVAILABLE as error:
                 log.warning("log_unavailable", error=repr(error), events=len(outgoing))
                 for index, o in outgoing:

@@ -19,7 +19,7 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     keys = WriteKeys.parse(optional("CDP_WRITE_KEYS", ""))
     if keys.open:
         runtime.log.warning("write_keys_not_configured", hint="set CDP_WRITE_KEYS; every request is accepted")
-    ingestor = Ingestor(runtime.js, runtime.topology)
+    ingestor = Ingestor(runtime.publisher, runtime.topology)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor, keys), server)
 
     host, port = listen_address("CDP_HTTP_LISTEN", "127.0.0.1:8088")
