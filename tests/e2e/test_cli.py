@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -58,9 +59,11 @@ def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     addresses: dict[str, str] = {}
     assert process.stdout is not None
     for line in process.stdout:
-        found = re.match(r"\s+(\S+)\s+grpc (\S+)", line)
+        found = re.match(r"\s+(\S+)\s+grpc (\S+)(?:\s+http (\S+))?", line)
         if found:
             addresses[found.group(1)] = found.group(2)
+            if found.group(3):
+                addresses["http"] = found.group(3)
         if line.startswith("Press Ctrl-C"):
             return process, addresses
     process.wait(10)
@@ -88,7 +91,15 @@ def _profile(address: str, email: str) -> profile_pb2.ProfileSnapshot | None:
 def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path) -> None:
     process, addresses = _start_up(tmp_path)
     try:
-        assert set(addresses) == {"ingest", "identity", "profile", "segmentation", "activation", "dmp-bridge"}
+        assert set(addresses) == {"ingest", "identity", "profile", "segmentation", "activation", "dmp-bridge", "http"}
+        # The Segment-compatible HTTP collector is up too.
+        request = urllib.request.Request(
+            f"{addresses['http']}/v1/identify",
+            data=json.dumps({"userId": "u-http", "traits": {"email": "http@example.com"}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["success"] is True
         with grpc.insecure_channel(addresses["ingest"]) as channel:
             ingest_pb2_grpc.IngestServiceStub(channel).Identify(
                 ingest_pb2.IdentifyRequest(
@@ -97,14 +108,16 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
                 timeout=10,
             )
         deadline = time.monotonic() + 30
-        while _profile(addresses["profile"], "keep@example.com") is None:
+        while _profile(addresses["profile"], "keep@example.com") is None or _profile(
+            addresses["profile"], "http@example.com"
+        ) is None:
             assert time.monotonic() < deadline, "the profile never appeared"
             time.sleep(0.2)
     finally:
         out = _stop(process, signal.SIGINT)
     assert "stopped." in out
     # Every service shut down gracefully (SIGTERM from `cdp`), not killed.
-    for name in addresses:
+    for name in set(addresses) - {"http"}:
         lines = (tmp_path / "logs" / f"{name}.log").read_text().splitlines()
         assert json.loads(lines[-1])["event"] == "service_stopped", lines[-3:]
 

@@ -1,4 +1,5 @@
-"""`cdp up` runs the whole suite on this machine; `cdp demo` runs it with the seed story."""
+"""`cdp up` runs the whole suite on this machine; `cdp demo` runs it with the seed story;
+`cdp import` backfills a file of events."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from cdp_cli import demo, infra, suite
+from cdp_cli import demo, importer, infra, suite
 
 
 def _default_data_dir() -> Path:
@@ -31,7 +32,8 @@ def up(data_dir: Path) -> int:
         print(f"  {'SMTP':<14} {settings['CDP_SMTP_HOST']}:{settings['CDP_SMTP_PORT']}"
               + (f" -> {settings['CDP_MAILDIR']}" if "CDP_MAILDIR" in settings else ""))
         for service in running:
-            print(f"  {service.name:<14} grpc {service.address}  (logs: {service.log_file})")
+            extra = "".join(f"  {label} {url}" for label, url in service.extra.items())
+            print(f"  {service.name:<14} grpc {service.address}{extra}  (logs: {service.log_file})")
         print("Press Ctrl-C to stop.", flush=True)
         while not stop.is_set():
             for service in running:
@@ -69,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     up_parser.add_argument("--data-dir", type=Path, default=None, help="where data is kept (default ./.cdp)")
     demo_parser = commands.add_parser("demo", help="bring the suite up, run the seed story, report, stop")
     demo_parser.add_argument("--data-dir", type=Path, default=None, help="keep the demo's data here")
+    importer.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "import":
+        sys.exit(importer.command(args))
     try:
         if args.command == "up":
             sys.exit(up((args.data_dir or _default_data_dir()).resolve()))

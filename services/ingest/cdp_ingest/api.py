@@ -23,7 +23,7 @@ _CODES = {OK: grpc.StatusCode.OK, INVALID: grpc.StatusCode.INVALID_ARGUMENT}
 IMPORT_CHUNK = 500
 
 
-def to_incoming(kind: str, request: Any) -> core.Incoming:
+def to_incoming(kind: str, request: Any, open_source: bool = True) -> core.Incoming:
     """Any of the six request messages as an Incoming (field names are shared, see the proto)."""
     ids = request.identifiers
     present = {f.name for f, _ in request.ListFields()}
@@ -38,7 +38,7 @@ def to_incoming(kind: str, request: Any) -> core.Incoming:
         ids={name: getattr(ids, name) for name in core.BUILT_IN_IDS if getattr(ids, name)},
         custom=dict(ids.custom),
         name=getattr(request, "event", "") or getattr(request, "name", ""),
-        properties=struct("properties") if kind != "group" else {},
+        properties=struct("properties"),
         traits=struct("traits"),
         timestamp=convert.to_datetime(request.timestamp),
         sent_at=convert.to_datetime(request.sent_at),
@@ -47,6 +47,7 @@ def to_incoming(kind: str, request: Any) -> core.Incoming:
         previous_id=getattr(request, "previous_id", ""),
         group_id=getattr(request, "group_id", ""),
         category=getattr(request, "category", ""),
+        source=request.source if open_source else "",
     )
 
 
@@ -63,10 +64,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         self._ingestor = ingestor
         self._keys = keys
 
-    async def _source(self, request_source: str, context: grpc.aio.ServicerContext) -> str:
+    async def _source(self, context: grpc.aio.ServicerContext) -> str:
         metadata = dict(context.invocation_metadata() or ())
         key = metadata.get("x-write-key") or WriteKeys.from_basic(metadata.get("authorization"))
-        source = self._keys.source(key, request_source or "grpc")
+        source = self._keys.source(key, "grpc")
         if source is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "unknown write key: send one as x-write-key metadata"
@@ -74,8 +75,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         return source
 
     async def _single(self, kind: str, request: Message, context: grpc.aio.ServicerContext) -> Any:
-        source = await self._source(getattr(request, "source", ""), context)
-        [result] = await self._ingestor.ingest([to_incoming(kind, request)], source=source, correlation_id=correlation_id())
+        source = await self._source(context)
+        item = to_incoming(kind, request, self._keys.open)
+        [result] = await self._ingestor.ingest([item], source=source, correlation_id=correlation_id())
         if result.outcome == INVALID:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
         if result.outcome != OK:
@@ -105,7 +107,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         return await self._single("group", request, context)
 
     async def Batch(self, request: ingest_pb2.BatchRequest, context: grpc.aio.ServicerContext) -> Any:
-        source = await self._source("", context)
+        source = await self._source(context)
         if len(request.items) > core.MAX_BATCH_EVENTS:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"items: more than {core.MAX_BATCH_EVENTS} events in one batch"
@@ -120,7 +122,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
     async def Import(
         self, request_iterator: AsyncIterator[ingest_pb2.BatchItem], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ingest_pb2.ItemResult]:
-        source = await self._source("", context)
+        source = await self._source(context)
         chunk: list[ingest_pb2.BatchItem] = []
         offset = 0
         async for item in request_iterator:
@@ -139,7 +141,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         for item in items:
             kind = item.WhichOneof("kind")
             incoming.append(
-                to_incoming(kind, getattr(item, kind)) if kind else core.InvalidField("kind", "empty batch item")
+                to_incoming(kind, getattr(item, kind), self._keys.open)
+                if kind
+                else core.InvalidField("kind", "empty batch item")
             )
         results = await self._ingestor.ingest(incoming, source=source, correlation_id=correlation_id())
         return [replace(r, index=r.index + offset) for r in results]

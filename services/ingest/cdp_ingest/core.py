@@ -58,6 +58,8 @@ class Incoming:
     previous_id: str = ""
     group_id: str = ""
     category: str = ""
+    # The source a client names itself; used only when no write keys are configured.
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,10 @@ def occurred_at(client_time: datetime | None, received_at: datetime, sent_at: da
     if client_time is None:
         return received_at
     if sent_at is not None:
-        client_time = received_at - (sent_at - client_time)
+        try:
+            client_time = received_at - (sent_at - client_time)
+        except OverflowError:
+            raise InvalidField("timestamp", "is out of range once corrected by sent_at") from None
     if client_time - received_at > MAX_FUTURE:
         raise InvalidField("timestamp", "is more than 24 hours in the future")
     if received_at - client_time > MAX_PAST:
@@ -269,23 +274,28 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
 
 # --- the Segment / RudderStack tracking API's JSON ------------------------------------------------
 
-# Our field names (used in errors) as the Segment spec spells them.
-SEGMENT_FIELD_NAMES = {
-    "event_id": "messageId",
-    "identifiers.user_id": "userId",
-    "identifiers.anonymous_id": "anonymousId",
-    "identifiers": "userId",
-    "previous_id": "previousId",
-    "group_id": "groupId",
-    "sent_at": "sentAt",
-}
+# Our field names (used in errors) as the Segment spec spells them; the first prefix that
+# matches wins, and other identifiers.<name> are the top-level <name> of the JSON.
+SEGMENT_FIELD_NAMES = (
+    ("identifiers.user_id", "userId"),
+    ("identifiers.anonymous_id", "anonymousId"),
+    ("identifiers.custom", "externalIds"),
+    ("identifiers.", ""),
+    ("event_id", "messageId"),
+    ("previous_id", "previousId"),
+    ("group_id", "groupId"),
+    ("sent_at", "sentAt"),
+)
 
 
 def segment_field(name: str) -> str:
     if name == "identifiers":
         return "userId or anonymousId"
-    for ours, theirs in SEGMENT_FIELD_NAMES.items():
-        if name == ours or name.startswith(ours + "."):
+    for ours, theirs in SEGMENT_FIELD_NAMES:
+        if ours.endswith("."):
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        elif name == ours or name.startswith(ours + "."):
             return theirs + name[len(ours):]
     return name
 
@@ -334,6 +344,9 @@ def from_segment(payload: Any, kind: str | None = None, batch_sent_at: datetime 
         raise InvalidField("type", f"must be one of {', '.join(KINDS)}")
     context = _object(payload, "context")
     traits = _object(payload, "traits")
+    if kind == "identify" and not traits and isinstance(context.get("traits"), Mapping):
+        # RudderStack's SDKs send identify traits in context.traits.
+        traits = context["traits"]
     ids = {
         "user_id": _text(payload, "userId", "identifiers.user_id"),
         "anonymous_id": _text(payload, "anonymousId", "identifiers.anonymous_id"),

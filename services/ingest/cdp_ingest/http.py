@@ -20,8 +20,13 @@ from cdp_ingest.ingestor import INVALID, OK, Ingestor, Result, WriteKeys
 log = structlog.get_logger("cdp.ingest.http")
 
 
+_CODES = {400: "invalid_request", 401: "unauthorized", 413: "request_too_large", 503: "unavailable"}
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"success": False, "error": message, **extra}, status=status)
+    # `code` and `message` as Segment's API answers (its SDKs read them); `error` for people.
+    body = {"success": False, "code": _CODES.get(status, "error"), "message": message, "error": message}
+    return web.json_response({**body, **extra}, status=status)
 
 
 def _message(result: Result) -> str:
@@ -100,8 +105,9 @@ class Collector:
         shared_context = payload.get("context") if isinstance(payload.get("context"), dict) else {}
         items: list[core.Incoming | core.InvalidField] = []
         for message in messages:
-            if shared_context and isinstance(message, dict):
-                message = {**message, "context": {**shared_context, **(message.get("context") or {})}}
+            own_context = message.get("context") if isinstance(message, dict) else None
+            if shared_context and isinstance(message, dict) and isinstance(own_context, dict | None):
+                message = {**message, "context": {**shared_context, **(own_context or {})}}
             try:
                 items.append(core.from_segment(message, batch_sent_at=sent_at))
             except core.InvalidField as error:
@@ -114,7 +120,9 @@ class Collector:
         stored = len(results) - len(rejected)
         log.info("batch_collected", events=len(results), stored=stored)
         if results and stored == 0:
-            return _error(400, "no valid message in the batch", rejected=rejected)
+            first = rejected[0]["error"]
+            message = first if len(rejected) == 1 else f"no valid message in the batch; the first: {first}"
+            return _error(400, message, rejected=rejected)
         return web.json_response({"success": True, "stored": stored, "rejected": rejected})
 
 

@@ -116,7 +116,10 @@ class Ingestor:
     async def ingest(
         self, items: Sequence[core.Incoming | core.InvalidField], *, source: str, correlation_id: str
     ) -> list[Result]:
-        """Stores every valid item (pipelined) and reports each by index; never half-reports."""
+        """Stores every valid item (pipelined) and reports each by index; never half-reports.
+
+        `source` is the write key's; an item's own source counts only when keys are open.
+        """
         received_at = eventlog.now()
         received_ts = eventlog.timestamp(received_at)
         results: list[Result | None] = [None] * len(items)
@@ -125,8 +128,8 @@ class Ingestor:
             try:
                 if isinstance(item, core.InvalidField):
                     raise item
-                event = build_event(item, received_at=received_at, source=source, correlation_id=correlation_id,
-                                    received_ts=received_ts)
+                event = build_event(item, received_at=received_at, source=item.source or source,
+                                    correlation_id=correlation_id, received_ts=received_ts)
             except core.InvalidField as error:
                 event_id = item.event_id if isinstance(item, core.Incoming) else ""
                 results[index] = Result(index, event_id, INVALID, str(error), error.field)
