@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -127,3 +128,46 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
         assert kept is not None and ("user_id", "u-keep") in {(i.type, i.value) for i in kept.identifiers}
     finally:
         _stop(process, signal.SIGTERM)
+
+
+def test_a_stateless_service_runs_worker_processes_and_stops_them(tmp_path: Path) -> None:
+    from cdp_cli import infra
+    from cdp_cli.suite import healthy
+
+    server = infra.start_nats(tmp_path / "nats")
+    port, http_port = infra.free_port(), infra.free_port()
+    env = {**_env(), "CDP_NATS_URL": server.url, "CDP_GRPC_LISTEN": f"127.0.0.1:{port}",
+           "CDP_HTTP_LISTEN": f"127.0.0.1:{http_port}", "CDP_WORKERS": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "cdp_ingest"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not healthy(f"127.0.0.1:{port}"):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        workers = psutil.Process(process.pid).children()
+        assert len(workers) == 1
+
+        def listening(proc: psutil.Process) -> set[int]:
+            return {c.laddr.port for c in proc.net_connections() if c.status == psutil.CONN_LISTEN}
+
+        # Both processes share the gRPC and the HTTP port.
+        while not all({port, http_port} <= listening(p) for p in (psutil.Process(process.pid), workers[0])):
+            assert time.monotonic() < deadline, "the worker processes never both listened"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert not workers[0].is_running() or workers[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
+        server.stop()
+
+
+def test_a_service_with_a_read_model_refuses_several_workers() -> None:
+    env = {**_env(), "CDP_NATS_URL": "nats://127.0.0.1:1", "CDP_DATABASE_URL": "postgresql://x@/y", "CDP_WORKERS": "2"}
+    result = subprocess.run([sys.executable, "-m", "cdp_profile"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "CDP_WORKERS" in result.stderr

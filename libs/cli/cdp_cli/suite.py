@@ -77,6 +77,8 @@ def services(data_dir: Path, settings: Mapping[str, str], timeout: float = 60.0)
         for name, module, default_port in SERVICES:
             port = default_port if _port_free(default_port) else free_port()
             env = {**os.environ, **settings, "CDP_GRPC_LISTEN": f"127.0.0.1:{port}"}
+            # Only ingest is stateless and may run several worker processes.
+            env["CDP_WORKERS"] = os.environ.get("CDP_INGEST_WORKERS", "1") if name == "ingest" else "1"
             extra = {}
             for service_name, setting, extra_port, label in EXTRA_LISTENERS:
                 if service_name == name:

@@ -26,24 +26,24 @@ IMPORT_CHUNK = 500
 def to_incoming(kind: str, request: Any, open_source: bool = True) -> core.Incoming:
     """Any of the six request messages as an Incoming (field names are shared, see the proto)."""
     ids = request.identifiers
-    present = {f.name for f, _ in request.ListFields()}
+    fields = request.DESCRIPTOR.fields_by_name
 
     def struct(name: str) -> Mapping[str, Any]:
         # A view, not a copy: the envelope copies the Struct whole when nothing was added.
-        return convert.StructView(getattr(request, name)) if name in present else {}
+        return convert.StructView(getattr(request, name)) if name in fields and request.HasField(name) else {}
 
     return core.Incoming(
         kind=kind,
         event_id=request.event_id,
-        ids={name: getattr(ids, name) for name in core.BUILT_IN_IDS if getattr(ids, name)},
-        custom=dict(ids.custom),
+        ids={f.name: value for f, value in ids.ListFields() if f.name != "custom"},
+        custom=dict(ids.custom) if ids.custom else {},
         name=getattr(request, "event", "") or getattr(request, "name", ""),
         properties=struct("properties"),
         traits=struct("traits"),
         timestamp=convert.to_datetime(request.timestamp),
         sent_at=convert.to_datetime(request.sent_at),
         context=struct("context"),
-        consent=dict(request.consent),
+        consent=dict(request.consent) if request.consent else {},
         previous_id=getattr(request, "previous_id", ""),
         group_id=getattr(request, "group_id", ""),
         category=getattr(request, "category", ""),
@@ -82,7 +82,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
         if result.outcome != OK:
             await context.abort(grpc.StatusCode.UNAVAILABLE, result.error)
-        log.info("event_collected", type=kind, event_id=result.event_id, sequence=result.sequence,
+        log.debug("event_collected", type=kind, event_id=result.event_id, sequence=result.sequence,
                  duplicate=result.duplicate)
         return ingest_pb2.IngestResponse(
             event_id=result.event_id, stream_sequence=result.sequence, duplicate=result.duplicate
@@ -146,4 +146,4 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                 else core.InvalidField("kind", "empty batch item")
             )
         results = await self._ingestor.ingest(incoming, source=source, correlation_id=correlation_id())
-        return [replace(r, index=r.index + offset) for r in results]
+        return [replace(r, index=r.index + offset) for r in results] if offset else results

@@ -74,7 +74,12 @@ class WriteKeys:
         return decoded.partition(":")[0]
 
 
-def envelope(accepted: core.Accepted, *, received_at: Timestamp, source: str, correlation_id: str) -> event_pb2.Event:
+def envelope(
+    accepted: core.Accepted, *, received_at: Timestamp, source: str, correlation_id: str,
+    received_datetime: datetime | None = None,
+) -> event_pb2.Event:
+    """The stored form of an accepted event. `received_datetime` is the datetime `received_at`
+    was made from: an event without a client time carries that very object as occurred_at."""
     event = event_pb2.Event(
         id=accepted.event_id,
         type=accepted.kind,
@@ -85,7 +90,7 @@ def envelope(accepted: core.Accepted, *, received_at: Timestamp, source: str, co
         consent=accepted.consent,
     )
     event.received_at.CopyFrom(received_at)
-    if accepted.occurred_at == received_at.ToDatetime(tzinfo=accepted.occurred_at.tzinfo):
+    if accepted.occurred_at is received_datetime:
         event.occurred_at.CopyFrom(received_at)
     else:
         event.occurred_at.CopyFrom(eventlog.timestamp(accepted.occurred_at))
@@ -102,7 +107,7 @@ def build_event(
     """The envelope of a valid item; InvalidField otherwise (including when it is too large)."""
     accepted = core.accept(item, received_at)
     event = envelope(accepted, received_at=received_ts or eventlog.timestamp(received_at), source=source,
-                     correlation_id=correlation_id)
+                     correlation_id=correlation_id, received_datetime=received_at)
     if event.ByteSize() > core.MAX_EVENT_BYTES:
         raise core.InvalidField("event", f"larger than {core.MAX_EVENT_BYTES // 1024} KiB")
     return event

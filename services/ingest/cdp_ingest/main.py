@@ -25,7 +25,8 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     host, port = listen_address("CDP_HTTP_LISTEN", "127.0.0.1:8088")
     runner = web.AppRunner(Collector(ingestor, keys).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # reuse_port: with CDP_WORKERS > 1 every worker process listens on the same port.
+    site = web.TCPSite(runner, host, port, reuse_port=True)
     await site.start()
     bound = runner.addresses[0]
     runtime.endpoints["http"] = f"http://{bound[0]}:{bound[1]}"
