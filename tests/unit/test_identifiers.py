@@ -19,7 +19,7 @@ def _sha(text: str) -> str:
         ("email", "  Ada.Lovelace@Example.COM \n", "ada.lovelace@example.com"),
         ("email", "ada@example.com", "ada@example.com"),
         ("phone", "+44 (20) 7946-0958", "+442079460958"),
-        ("phone", "020 7946 0958", "2079460958"),
+        ("phone", "(415) 555-2671", "+14155552671"),
         ("user_id", "  u-42 ", "u-42"),
         ("user_id", "User-42", "User-42"),  # user ids keep their case
         ("anonymous_id", "anon-1", "anon-1"),

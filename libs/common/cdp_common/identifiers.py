@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
+
+import phonenumbers
 
 # Values sources send when they have nothing; they must never link two customers.
 BLOCKED_VALUES = re.compile(r"^([0-]*|-1|null|none|nil|undefined|anonymous|unknown|n/a|nan)$", re.I)
@@ -21,12 +24,16 @@ def normalise_email(value: str) -> str:
     return value.strip().lower()
 
 
-def normalise_phone(value: str) -> str | None:
-    """Digits with the '+' of an international number kept; None for too few or all-zero digits."""
-    digits = re.sub(r"\D", "", value)
-    if len(digits) < 5 or not digits.strip("0"):
+def normalise_phone(value: str, region: str = "US") -> str | None:
+    """E.164 (+4420...), read with `region` when the number has no country code; None if it is
+    not a possible number (too short, all zeros, letters...)."""
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
         return None
-    return "+" + digits if value.strip().startswith("+") else digits.lstrip("0")
+    if not phonenumbers.is_possible_number(number) or not str(number.national_number).strip("0"):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def sha256_hex(value: str) -> str:
@@ -38,17 +45,19 @@ def email_sha256(email: str) -> str:
     return sha256_hex(normalise_email(email))
 
 
-def normalise(id_type: str, value: str) -> str | None:
+def normalise(
+    id_type: str, value: str, blocked: Sequence[re.Pattern[str]] = (BLOCKED_VALUES,), phone_region: str = "US"
+) -> str | None:
     """The matching form of an identifier, or None when it must not link anything."""
     value = value.strip()
-    if BLOCKED_VALUES.fullmatch(value):
+    if any(pattern.fullmatch(value) for pattern in blocked):
         return None
     if id_type == "email":
         value = normalise_email(value)
         if "@" not in value:
             return None
     elif id_type == "phone":
-        phone = normalise_phone(value)
+        phone = normalise_phone(value, phone_region)
         if phone is None:
             return None
         value = phone
@@ -56,6 +65,6 @@ def normalise(id_type: str, value: str) -> str | None:
         value = value.lower()
         if not _HEX64.fullmatch(value):
             return None
-    if BLOCKED_VALUES.fullmatch(value):
+    if any(pattern.fullmatch(value) for pattern in blocked):
         return None
     return value

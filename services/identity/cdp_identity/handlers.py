@@ -1,9 +1,12 @@
-"""Identity's log consumer: resolve each collected event, publish the resolution and merges."""
+"""Identity's log consumer: resolve each collected event and apply operators' merge and split
+requests, in log order; publish the resolutions, merges and splits."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
@@ -14,6 +17,8 @@ from cdp_identity import core, store
 SPEC = ConsumerSpec(durable="identity-resolve", area="collected")
 
 _BUILT_IN = ("user_id", "anonymous_id", "email", "phone", "device_id")
+
+log = structlog.get_logger("cdp.identity")
 
 
 def _identifiers(keys: Sequence[core.Key]) -> event_pb2.Identifiers:
@@ -26,36 +31,99 @@ def _identifiers(keys: Sequence[core.Key]) -> event_pb2.Identifiers:
     return result
 
 
-def make_handler(topology: eventlog.Topology) -> Handler:
-    async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+def _time(event: event_pb2.Event) -> datetime:
+    return convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now()
+
+
+def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_RULES) -> Handler:
+    def merged_fact(cause: event_pb2.Event, survivor: str, merged: Sequence[str], reason: str,
+                    linking: Sequence[core.Key]) -> eventlog.Outgoing:
+        fact = eventlog.new_event("profiles_merged", event_id=eventlog.derived_id(cause.id, "merged"),
+                                  source="identity", cause=cause)
+        fact.profile_id = survivor
+        fact.profiles_merged.survivor_id = survivor
+        fact.profiles_merged.merged_ids.extend(merged)
+        fact.profiles_merged.reason = reason
+        for id_type, value in linking:
+            fact.profiles_merged.linking_identifiers.add(type=id_type, value=value)
+        return eventlog.Outgoing(topology.keyed("identity", survivor, "merged"), fact)
+
+    async def resolve(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         raw = {name: getattr(event.identifiers, name) for name in _BUILT_IN}
-        keys = core.event_identifiers(raw, event.identifiers.custom)
+        keys = core.event_identifiers(raw, event.identifiers.custom, rules)
         if not keys:
             raise PermanentError("event carries no usable identifier (all empty or blocked values)")
         owners = await store.owners(conn, keys)
-        known = await store.facts(conn, sorted(set(owners.values())))
-        decision = core.decide(keys, owners, known, eventlog.derived_id(event.id, "profile"))
-        at = convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now()
+        known = await store.known(conn, sorted(set(owners.values())))
+        at = _time(event)
+        decision = core.decide(keys, owners, known, eventlog.derived_id(event.id, "profile"), at, rules)
         await store.apply(conn, decision, event.id, at)
-        await store.touch(conn, [k for k in keys if k not in decision.link and k not in decision.dropped], at)
+        dropped = {key for key, _ in decision.dropped}
+        kept = [k for k in keys if k not in dropped]
+        await store.touch(conn, [k for k in kept if k not in decision.link], at)
+        for key, why in decision.dropped:
+            log.info("identifier_dropped", id_type=key[0], reason=why, profile_id=decision.profile_id)
 
         out: list[eventlog.Outgoing] = []
         if decision.merged:
-            merged = eventlog.new_event("profiles_merged", event_id=eventlog.derived_id(event.id, "merged"),
-                                        source="identity", cause=event)
-            merged.profile_id = decision.profile_id
-            merged.profiles_merged.survivor_id = decision.profile_id
-            merged.profiles_merged.merged_ids.extend(decision.merged)
-            merged.profiles_merged.reason = decision.reason
-            for id_type, value in keys:
-                if (id_type, value) not in decision.dropped:
-                    merged.profiles_merged.linking_identifiers.add(type=id_type, value=value)
-            out.append(eventlog.Outgoing(topology.keyed("identity", decision.profile_id, "merged"), merged))
+            out.append(merged_fact(event, decision.profile_id, decision.merged, decision.reason, kept))
         resolved = event_pb2.Event()
         resolved.CopyFrom(event)
         resolved.profile_id = decision.profile_id
-        resolved.identifiers.CopyFrom(_identifiers([k for k in keys if k not in decision.dropped]))
+        resolved.identifiers.CopyFrom(_identifiers(kept))
         out.append(eventlog.Outgoing(topology.keyed("identity", decision.profile_id, "resolved"), resolved))
         return out
+
+    async def merge_requested(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        request = event.merge_requested
+        others = [p for p in dict.fromkeys(request.profile_ids) if p != request.survivor_id]
+        known = await store.known(conn, [request.survivor_id, *others])
+        live = await store.live_profiles(conn, [request.survivor_id, *others])
+        at = _time(event)
+        refusal = (
+            "every profile must exist and not be merged already"
+            if len(live) != len(others) + 1
+            else core.merge_refusal(known[request.survivor_id], [known[p] for p in others], at, rules)
+        )
+        if refusal or not others:
+            log.warning("merge_refused", survivor_id=request.survivor_id, reason=refusal or "nothing to merge")
+            return []
+        reason = f"operator merge: {request.reason}" if request.reason else "operator merge"
+        decision = core.Decision(request.survivor_id, False, tuple(others), (), (), reason)
+        await store.apply(conn, decision, event.id, at)
+        return [merged_fact(event, request.survivor_id, others, reason, [])]
+
+    async def split_requested(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        request = event.split_requested
+        keys = [(i.type, i.value) for i in request.identifiers]
+        known = await store.known(conn, [request.profile_id])
+        live = await store.live_profiles(conn, [request.profile_id])
+        refusal = (
+            f"profile {request.profile_id} does not exist or was merged"
+            if not live
+            else core.split_refusal(known[request.profile_id], keys)
+        )
+        if refusal:
+            log.warning("split_refused", profile_id=request.profile_id, reason=refusal)
+            return []
+        new = eventlog.derived_id(event.id, "split")
+        reason = f"operator split: {request.reason}" if request.reason else "operator split"
+        await store.split(conn, source=request.profile_id, new=new, keys=keys, event_id=event.id, reason=reason,
+                          at=_time(event))
+        fact = eventlog.new_event("profile_split", event_id=eventlog.derived_id(event.id, "split-fact"),
+                                  source="identity", cause=event)
+        fact.profile_id = request.profile_id
+        fact.profile_split.source_profile_id = request.profile_id
+        fact.profile_split.new_profile_id = new
+        fact.profile_split.identifiers.extend(request.identifiers)
+        fact.profile_split.reason = reason
+        return [eventlog.Outgoing(topology.keyed("identity", request.profile_id, "split"), fact)]
+
+    async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        if event.type == "merge_requested":
+            return await merge_requested(conn, event)
+        if event.type == "split_requested":
+            return await split_requested(conn, event)
+        return await resolve(conn, event)
 
     return handle

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_identity.core import Decision, Key, ProfileFacts
+from cdp_identity.core import Decision, Key, Known
 
 MIGRATIONS = (
     (
@@ -32,6 +34,18 @@ MIGRATIONS = (
             reason text NOT NULL,
             merged_at timestamptz NOT NULL)""",
     ),
+    (
+        "ALTER TABLE identity.profiles ADD COLUMN merge_count int NOT NULL DEFAULT 0",
+        "CREATE INDEX merges_survivor ON identity.merges (survivor_id)",
+        """CREATE TABLE identity.splits (
+            new_profile_id text PRIMARY KEY,
+            source_profile_id text NOT NULL,
+            identifiers jsonb NOT NULL,
+            event_id text NOT NULL,
+            reason text NOT NULL,
+            split_at timestamptz NOT NULL)""",
+        "CREATE INDEX splits_source ON identity.splits (source_profile_id)",
+    ),
 )
 
 
@@ -47,15 +61,28 @@ async def owners(conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, str]:
     return {(r.id_type, r.id_value): r.profile_id for r in rows}
 
 
-async def facts(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, ProfileFacts]:
+async def known(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, Known]:
+    """The profiles with every identifier they hold (locked: the caller may change them)."""
+    if not profile_ids:
+        return {}
     rows = await conn.execute(
         text(
-            "SELECT profile_id, created_at, user_id FROM identity.profiles "
-            "WHERE profile_id = ANY(:ids) FOR UPDATE"
+            "SELECT profile_id, created_at, merge_count FROM identity.profiles "
+            "WHERE profile_id = ANY(:ids) ORDER BY profile_id FOR UPDATE"
         ),
         {"ids": list(profile_ids)},
     )
-    return {r.profile_id: ProfileFacts(r.profile_id, r.created_at, r.user_id) for r in rows}
+    profiles = {r.profile_id: (r.created_at, r.merge_count) for r in rows}
+    held: dict[str, dict[Key, object]] = {p: {} for p in profiles}
+    for r in await conn.execute(
+        text("SELECT id_type, id_value, profile_id, last_seen FROM identity.identifiers WHERE profile_id = ANY(:ids)"),
+        {"ids": list(profiles)},
+    ):
+        held[r.profile_id][(r.id_type, r.id_value)] = r.last_seen
+    return {
+        p: Known(p, created, merges, held[p])  # type: ignore[arg-type]
+        for p, (created, merges) in profiles.items()
+    }
 
 
 async def apply(conn: AsyncConnection, decision: Decision, event_id: str, at: datetime) -> None:
@@ -77,6 +104,14 @@ async def apply(conn: AsyncConnection, decision: Decision, event_id: str, at: da
                 "WHERE s.profile_id = :p"
             ),
             {"p": pid, "m": list(decision.merged)},
+        )
+        await conn.execute(
+            text(
+                "UPDATE identity.profiles SET merge_count = merge_count + :n + "
+                "(SELECT coalesce(sum(merge_count), 0) FROM identity.profiles WHERE profile_id = ANY(:m)) "
+                "WHERE profile_id = :p"
+            ),
+            {"p": pid, "m": list(decision.merged), "n": len(decision.merged)},
         )
         await conn.execute(
             text("UPDATE identity.profiles SET merged_into = :p, user_id = NULL WHERE profile_id = ANY(:m)"),
@@ -140,3 +175,128 @@ async def stats(conn: AsyncConnection) -> tuple[int, int, int]:
         )
     ).one()
     return int(row.profiles), int(row.identifiers), int(row.merges)
+
+
+async def live_profiles(conn: AsyncConnection, profile_ids: Sequence[str]) -> set[str]:
+    rows = await conn.execute(
+        text("SELECT profile_id FROM identity.profiles WHERE profile_id = ANY(:ids) AND merged_into IS NULL"),
+        {"ids": list(profile_ids)},
+    )
+    return set(rows.scalars())
+
+
+async def current(conn: AsyncConnection, profile_id: str) -> str | None:
+    """Follows merges to the live profile."""
+    row = (
+        await conn.execute(
+            text(
+                "WITH RECURSIVE chain(id, next, depth) AS ("
+                " SELECT profile_id, merged_into, 0 FROM identity.profiles WHERE profile_id = :p"
+                " UNION ALL SELECT p.profile_id, p.merged_into, c.depth + 1 FROM identity.profiles p"
+                " JOIN chain c ON p.profile_id = c.next WHERE c.depth < 1000)"
+                " SELECT id FROM chain WHERE next IS NULL"
+            ),
+            {"p": profile_id},
+        )
+    ).first()
+    return None if row is None else str(row.id)
+
+
+async def split(
+    conn: AsyncConnection, *, source: str, new: str, keys: Sequence[Key], event_id: str, reason: str, at: datetime
+) -> None:
+    await conn.execute(
+        text("INSERT INTO identity.profiles (profile_id, created_at) VALUES (:p, :at)"), {"p": new, "at": at}
+    )
+    await conn.execute(
+        text(
+            "UPDATE identity.identifiers i SET profile_id = :new "
+            "FROM unnest(CAST(:types AS text[]), CAST(:vals AS text[])) AS k(t, v) "
+            "WHERE i.id_type = k.t AND i.id_value = k.v AND i.profile_id = :source"
+        ),
+        {"new": new, "source": source, "types": [k[0] for k in keys], "vals": [k[1] for k in keys]},
+    )
+    for profile in (source, new):
+        await conn.execute(
+            text(
+                "UPDATE identity.profiles SET user_id = (SELECT min(id_value) FROM identity.identifiers "
+                "WHERE profile_id = :p AND id_type = 'user_id') WHERE profile_id = :p"
+            ),
+            {"p": profile},
+        )
+    await conn.execute(
+        text(
+            "INSERT INTO identity.splits (new_profile_id, source_profile_id, identifiers, event_id, reason, split_at) "
+            "VALUES (:new, :source, CAST(:ids AS jsonb), :e, :r, :at)"
+        ),
+        {"new": new, "source": source, "ids": json.dumps([list(k) for k in keys]), "e": event_id, "r": reason,
+         "at": at},
+    )
+
+
+@dataclass(frozen=True)
+class GraphRow:
+    profile_id: str
+    created_at: datetime
+    identifiers: list[tuple[str, str, datetime, datetime]]
+    merges: list[tuple[str, str, str, str, datetime]]
+    splits: list[tuple[str, str, list[list[str]], str, str, datetime]]
+
+
+async def graph(conn: AsyncConnection, profile_id: str) -> GraphRow | None:
+    row = (
+        await conn.execute(
+            text("SELECT profile_id, created_at FROM identity.profiles WHERE profile_id = :p"), {"p": profile_id}
+        )
+    ).first()
+    if row is None:
+        return None
+    identifiers = [
+        (r.id_type, r.id_value, r.first_seen, r.last_seen)
+        for r in await conn.execute(
+            text(
+                "SELECT id_type, id_value, first_seen, last_seen FROM identity.identifiers WHERE profile_id = :p "
+                "ORDER BY id_type, id_value"
+            ),
+            {"p": profile_id},
+        )
+    ]
+    merges = [
+        (r.merged_id, r.survivor_id, r.event_id, r.reason, r.merged_at)
+        for r in await conn.execute(
+            text(
+                "WITH RECURSIVE tree(id, depth) AS (SELECT CAST(:p AS text), 0 UNION ALL "
+                " SELECT m.merged_id, t.depth + 1 FROM identity.merges m JOIN tree t ON m.survivor_id = t.id "
+                " WHERE t.depth < 1000) "
+                "SELECT m.* FROM identity.merges m JOIN tree t ON m.survivor_id = t.id ORDER BY m.merged_at, m.merged_id"
+            ),
+            {"p": profile_id},
+        )
+    ]
+    splits = [
+        (r.source_profile_id, r.new_profile_id, r.identifiers, r.event_id, r.reason, r.split_at)
+        for r in await conn.execute(
+            text(
+                "SELECT * FROM identity.splits WHERE source_profile_id = :p OR new_profile_id = :p ORDER BY split_at"
+            ),
+            {"p": profile_id},
+        )
+    ]
+    return GraphRow(row.profile_id, row.created_at, identifiers, merges, splits)
+
+
+async def applied_sequence(conn: AsyncConnection, consumer: str) -> int:
+    value = (
+        await conn.execute(
+            text("SELECT stream_sequence FROM identity.checkpoints WHERE consumer = :c"), {"c": consumer}
+        )
+    ).scalar()
+    return int(value or 0)
+
+
+async def merged_into(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, str | None]:
+    rows = await conn.execute(
+        text("SELECT profile_id, merged_into FROM identity.profiles WHERE profile_id = ANY(:ids)"),
+        {"ids": list(profile_ids)},
+    )
+    return {r.profile_id: r.merged_into for r in rows}

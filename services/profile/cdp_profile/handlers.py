@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -52,28 +53,56 @@ def make_handler(topology: eventlog.Topology) -> Handler:
     async def on_resolved(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         at = convert.to_datetime(event.occurred_at) or eventlog.now()
         properties = convert.struct_to_dict(event.properties)
+        ids = [(n, getattr(event.identifiers, n)) for n in _BUILT_IN if getattr(event.identifiers, n)]
+        ids += list(event.identifiers.custom.items())
+        traits = convert.struct_to_dict(event.traits)
         if not await store.record_event(
             conn, event_id=event.id, profile_id=event.profile_id, type_=event.type, name=event.name,
-            occurred_at=at, properties=properties,
+            occurred_at=at, properties=properties, traits=traits, identifiers=ids,
         ):
             return []
         previous = await store.load(conn, event.profile_id)
-        ids = [(n, getattr(event.identifiers, n)) for n in _BUILT_IN if getattr(event.identifiers, n)]
-        ids += list(event.identifiers.custom.items())
         state, fields = core.apply_event(
             previous or core.ProfileState(event.profile_id),
             name=event.name,
             properties=properties,
-            traits=convert.struct_to_dict(event.traits),
+            traits=traits,
             identifiers=ids,
             at=at,
         )
         await store.save(conn, state, previous)
         return [changed(event, state, fields or ["event_count"])]
 
+    async def recompute(conn: AsyncConnection, profile_id: str, merged_ids: Sequence[str]) -> core.ProfileState:
+        """A profile folded again from its own timeline (after a split moved events away)."""
+        state = core.ProfileState(profile_id, merged_ids=tuple(merged_ids))
+        for row in await store.timeline(conn, profile_id):
+            state, _ = core.apply_event(
+                state, name=row.name, properties=row.properties, traits=row.traits, identifiers=(),
+                at=row.occurred_at,
+            )
+        return replace(state, identifiers=await store.identifiers_of(conn, profile_id))
+
+    async def on_split(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        detail = event.profile_split
+        source = await store.load(conn, detail.source_profile_id)
+        keys = [(i.type, i.value) for i in detail.identifiers]
+        await store.move_split(conn, detail.source_profile_id, detail.new_profile_id, keys)
+        out = []
+        for profile_id, merged in (
+            (detail.source_profile_id, source.merged_ids if source else ()),
+            (detail.new_profile_id, ()),
+        ):
+            state = await recompute(conn, profile_id, merged)
+            await store.save(conn, state, state)
+            out.append(changed(event, state, ["identifiers", "order_count", "revenue", "traits", "event_count"]))
+        return out
+
     async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         if event.type == "profiles_merged":
             return await on_merged(conn, event)
+        if event.type == "profile_split":
+            return await on_split(conn, event)
         if not event.profile_id:
             raise PermanentError(f"{event.type} event {event.id} reached profile without a profile_id")
         return await on_resolved(conn, event)

@@ -41,7 +41,17 @@ MIGRATIONS = (
             properties jsonb NOT NULL)""",
         "CREATE INDEX events_profile_time ON profile.events (profile_id, occurred_at DESC)",
     ),
+    (
+        # What a split needs to move an event and recompute a profile from its timeline.
+        "ALTER TABLE profile.events ADD COLUMN traits jsonb NOT NULL DEFAULT '{}'",
+        "ALTER TABLE profile.events ADD COLUMN id_keys text[] NOT NULL DEFAULT '{}'",
+    ),
 )
+
+
+def id_key(id_type: str, value: str) -> str:
+    """An identifier as one text ("type=value"; type names have no '=')."""
+    return f"{id_type}={value}"
 
 
 async def load(conn: AsyncConnection, profile_id: str, lock: bool = True) -> ProfileState | None:
@@ -111,17 +121,56 @@ async def save(conn: AsyncConnection, state: ProfileState, previous: ProfileStat
 
 async def record_event(
     conn: AsyncConnection, *, event_id: str, profile_id: str, type_: str, name: str,
-    occurred_at: datetime, properties: dict[str, Any],
+    occurred_at: datetime, properties: dict[str, Any], traits: dict[str, Any] | None = None,
+    identifiers: Sequence[tuple[str, str]] = (),
 ) -> bool:
     """Adds the event to the timeline; False if it was already there."""
     result = await conn.execute(
         text(
-            "INSERT INTO profile.events (event_id, profile_id, type, name, occurred_at, properties) "
-            "VALUES (:e, :p, :t, :n, :at, CAST(:props AS jsonb)) ON CONFLICT (event_id) DO NOTHING"
+            "INSERT INTO profile.events (event_id, profile_id, type, name, occurred_at, properties, traits, id_keys) "
+            "VALUES (:e, :p, :t, :n, :at, CAST(:props AS jsonb), CAST(:traits AS jsonb), :keys) "
+            "ON CONFLICT (event_id) DO NOTHING"
         ),
-        {"e": event_id, "p": profile_id, "t": type_, "n": name, "at": occurred_at, "props": json.dumps(properties)},
+        {"e": event_id, "p": profile_id, "t": type_, "n": name, "at": occurred_at, "props": json.dumps(properties),
+         "traits": json.dumps(traits or {}), "keys": [id_key(t, v) for t, v in identifiers]},
     )
     return bool(result.rowcount)
+
+
+async def move_split(conn: AsyncConnection, source: str, new: str, keys: Sequence[tuple[str, str]]) -> int:
+    """Moves the split-off identifiers and every event that came through one of them."""
+    params = {"s": source, "n": new, "keys": [id_key(t, v) for t, v in keys]}
+    await conn.execute(
+        text(
+            "UPDATE profile.identifiers SET profile_id = :n WHERE profile_id = :s "
+            "AND (id_type || '=' || id_value) = ANY(:keys)"
+        ),
+        params,
+    )
+    result = await conn.execute(
+        text("UPDATE profile.events SET profile_id = :n WHERE profile_id = :s AND id_keys && CAST(:keys AS text[])"),
+        params,
+    )
+    return int(result.rowcount)
+
+
+async def timeline(conn: AsyncConnection, profile_id: str) -> list[Any]:
+    """Every event of a profile, oldest first: what a profile is recomputed from."""
+    rows = await conn.execute(
+        text(
+            "SELECT name, occurred_at, properties, traits, id_keys FROM profile.events WHERE profile_id = :p "
+            "ORDER BY occurred_at, event_id"
+        ),
+        {"p": profile_id},
+    )
+    return list(rows)
+
+
+async def identifiers_of(conn: AsyncConnection, profile_id: str) -> frozenset[tuple[str, str]]:
+    rows = await conn.execute(
+        text("SELECT id_type, id_value FROM profile.identifiers WHERE profile_id = :p"), {"p": profile_id}
+    )
+    return frozenset((r.id_type, r.id_value) for r in rows)
 
 
 async def retire(conn: AsyncConnection, merged_ids: Sequence[str], survivor_id: str) -> None:
