@@ -29,6 +29,9 @@ from cdp_common import eventlog
 from cdp_common.db import Outbox
 
 Handler = Callable[[AsyncConnection, event_pb2.Event], Awaitable[Sequence[eventlog.Outgoing]]]
+# Applies a whole batch at once (a few queries instead of a few per event); when it fails, the
+# loop falls back to the per-event handler, which isolates and dead-letters the bad message.
+BatchHandler = Callable[[AsyncConnection, Sequence[event_pb2.Event]], Awaitable[Sequence[eventlog.Outgoing]]]
 
 log = structlog.get_logger("cdp.consumer")
 
@@ -77,6 +80,7 @@ class Consumer:
         topology: eventlog.Topology,
         spec: ConsumerSpec,
         handler: Handler,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         self._js = js
         self._engine = engine
@@ -85,6 +89,7 @@ class Consumer:
         self._topology = topology
         self.spec = spec
         self._handler = handler
+        self._batch_handler = batch_handler
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.applied = 0
@@ -195,7 +200,11 @@ class Consumer:
                 )
             ).scalar_one()
             last = applied_up_to
-            for msg in msgs:
+            fresh = [msg for msg in msgs if msg.metadata.sequence.stream > applied_up_to]
+            if fresh and await self._apply_batch(conn, fresh):
+                last = fresh[-1].metadata.sequence.stream
+                fresh = []
+            for msg in fresh:
                 sequence = msg.metadata.sequence.stream
                 if sequence <= last:
                     continue
@@ -210,6 +219,26 @@ class Consumer:
         await self._flush_outbox()
         for msg in msgs:
             await msg.ack()
+
+    async def _apply_batch(self, conn: AsyncConnection, msgs: Sequence[Msg]) -> bool:
+        """The whole batch through the batch handler, in one savepoint; False to go one by one."""
+        if self._batch_handler is None or len(msgs) < 2:
+            return False
+        try:
+            events = [eventlog.decode(msg.data) for msg in msgs]
+        except Exception:  # noqa: BLE001 - the per-event path dead-letters the bad one
+            return False
+        try:
+            async with conn.begin_nested():
+                outgoing = await self._batch_handler(conn, events)
+                await self._outbox.add(conn, outgoing)
+        except Exception as error:  # noqa: BLE001 - decided below
+            if _infrastructure_failure(error):
+                raise
+            log.warning("batch_handler_failed", error=repr(error), messages=len(msgs))
+            return False
+        self.applied += len(events)
+        return True
 
     async def _apply(self, conn: AsyncConnection, msg: Msg) -> Sequence[eventlog.Outgoing]:
         try:

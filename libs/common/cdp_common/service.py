@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog, logs
-from cdp_common.consumer import Consumer, ConsumerSpec, Handler
+from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler
 from cdp_common.settings import Settings, SettingsError, optional_int
 
 log = structlog.get_logger("cdp.service")
@@ -76,8 +76,9 @@ class Runtime:
             raise RuntimeError(f"service {self.settings.service} has no database schema")
         return self._outbox
 
-    def consumer(self, spec: ConsumerSpec, handler: Handler) -> Consumer:
+    def consumer(self, spec: ConsumerSpec, handler: Handler, batch_handler: BatchHandler | None = None) -> Consumer:
         consumer = Consumer(
+            batch_handler=batch_handler,
             js=self.js,
             engine=self.engine,
             outbox=self.outbox,

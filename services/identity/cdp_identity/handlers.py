@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, eventlog
-from cdp_common.consumer import ConsumerSpec, Handler, PermanentError
-from cdp_identity import core, store
+from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError
+from cdp_identity import batch, core, store
 
 SPEC = ConsumerSpec(durable="identity-resolve", area="collected")
 
@@ -31,11 +31,23 @@ def _identifiers(keys: Sequence[core.Key]) -> event_pb2.Identifiers:
     return result
 
 
-def _time(event: event_pb2.Event) -> datetime:
+def event_time(event: event_pb2.Event) -> datetime:
     return convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now()
 
 
+def event_keys(event: event_pb2.Event, rules: core.Rules) -> list[core.Key]:
+    raw = {name: getattr(event.identifiers, name) for name in _BUILT_IN}
+    return core.event_identifiers(raw, event.identifiers.custom, rules)
+
+
+
 def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_RULES) -> Handler:
+    """The per-event handler (tests drive it directly)."""
+    return make_handlers(topology, rules)[0]
+
+
+def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_RULES) -> tuple[Handler, BatchHandler]:
+    """The per-event handler, and the batch handler the consumer tries first."""
     def merged_fact(cause: event_pb2.Event, survivor: str, merged: Sequence[str], reason: str,
                     linking: Sequence[core.Key]) -> eventlog.Outgoing:
         fact = eventlog.new_event("profiles_merged", event_id=eventlog.derived_id(cause.id, "merged"),
@@ -48,22 +60,11 @@ def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_R
             fact.profiles_merged.linking_identifiers.add(type=id_type, value=value)
         return eventlog.Outgoing(topology.keyed("identity", survivor, "merged"), fact)
 
-    async def resolve(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        raw = {name: getattr(event.identifiers, name) for name in _BUILT_IN}
-        keys = core.event_identifiers(raw, event.identifiers.custom, rules)
-        if not keys:
-            raise PermanentError("event carries no usable identifier (all empty or blocked values)")
-        owners = await store.owners(conn, keys)
-        known = await store.known(conn, sorted(set(owners.values())))
-        at = _time(event)
-        decision = core.decide(keys, owners, known, eventlog.derived_id(event.id, "profile"), at, rules)
-        await store.apply(conn, decision, event.id, at)
-        dropped = {key for key, _ in decision.dropped}
-        kept = [k for k in keys if k not in dropped]
-        await store.touch(conn, [k for k in kept if k not in decision.link], at)
+    def resolved_facts(
+        event: event_pb2.Event, decision: core.Decision, kept: Sequence[core.Key]
+    ) -> list[eventlog.Outgoing]:
         for key, why in decision.dropped:
             log.info("identifier_dropped", id_type=key[0], reason=why, profile_id=decision.profile_id)
-
         out: list[eventlog.Outgoing] = []
         if decision.merged:
             out.append(merged_fact(event, decision.profile_id, decision.merged, decision.reason, kept))
@@ -74,12 +75,26 @@ def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_R
         out.append(eventlog.Outgoing(topology.keyed("identity", decision.profile_id, "resolved"), resolved))
         return out
 
+    async def resolve(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        keys = event_keys(event, rules)
+        if not keys:
+            raise PermanentError("event carries no usable identifier (all empty or blocked values)")
+        owners = await store.owners(conn, keys)
+        known = await store.known(conn, sorted(set(owners.values())))
+        at = event_time(event)
+        decision = core.decide(keys, owners, known, eventlog.derived_id(event.id, "profile"), at, rules)
+        await store.apply(conn, decision, event.id, at)
+        dropped = {key for key, _ in decision.dropped}
+        kept = [k for k in keys if k not in dropped]
+        await store.touch(conn, [k for k in kept if k not in decision.link], at)
+        return resolved_facts(event, decision, kept)
+
     async def merge_requested(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         request = event.merge_requested
         others = [p for p in dict.fromkeys(request.profile_ids) if p != request.survivor_id]
         known = await store.known(conn, [request.survivor_id, *others])
         live = await store.live_profiles(conn, [request.survivor_id, *others])
-        at = _time(event)
+        at = event_time(event)
         refusal = (
             "every profile must exist and not be merged already"
             if len(live) != len(others) + 1
@@ -109,7 +124,7 @@ def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_R
         new = eventlog.derived_id(event.id, "split")
         reason = f"operator split: {request.reason}" if request.reason else "operator split"
         await store.split(conn, source=request.profile_id, new=new, keys=keys, event_id=event.id, reason=reason,
-                          at=_time(event))
+                          at=event_time(event))
         fact = eventlog.new_event("profile_split", event_id=eventlog.derived_id(event.id, "split-fact"),
                                   source="identity", cause=event)
         fact.profile_id = request.profile_id
@@ -126,4 +141,4 @@ def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_R
             return await split_requested(conn, event)
         return await resolve(conn, event)
 
-    return handle
+    return handle, batch.make_batch_handler(rules, event_keys, event_time, handle, resolved_facts)

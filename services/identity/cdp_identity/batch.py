@@ -1,0 +1,164 @@
+"""Resolving a whole fetch batch at once: one read of the graph, decisions in memory, bulk writes.
+
+Per-event round trips are the ceiling of a Python consumer; this does the same as resolving the
+events one by one (the same `core.decide`, in log order, each seeing the ones before it) with a
+handful of queries per batch. Operators' requests in a batch are applied one by one, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from cdp.v1 import event_pb2
+from cdp_common import eventlog
+from cdp_common.consumer import BatchHandler, Handler, PermanentError
+from cdp_identity import core, store
+
+_COMMANDS = ("merge_requested", "split_requested")
+
+
+@dataclass
+class _Working:
+    """The part of the graph a batch touches, as it stands after each decision."""
+
+    owners: dict[core.Key, str]
+    profiles: dict[str, core.Known]
+    created: dict[str, datetime] = field(default_factory=dict)
+    first_seen: dict[core.Key, datetime] = field(default_factory=dict)
+    changed: dict[core.Key, None] = field(default_factory=dict)
+    merged_into: dict[str, str] = field(default_factory=dict)
+    merges: list[tuple[str, str, str, str, datetime]] = field(default_factory=list)
+
+    def apply(self, decision: core.Decision, kept: Sequence[core.Key], event_id: str, at: datetime) -> None:
+        pid = decision.profile_id
+        if decision.created:
+            self.created[pid] = at
+            self.profiles[pid] = core.Known(pid, at, 0, {})
+        survivor = self.profiles[pid]
+        held = dict(survivor.identifiers)
+        merges = survivor.merge_count
+        for merged_id in decision.merged:
+            other = self.profiles.pop(merged_id)
+            for key, seen in other.identifiers.items():
+                self.owners[key] = pid
+                held[key] = max(seen, held.get(key, seen))
+                self.changed[key] = None
+            merges += 1 + other.merge_count
+            self.merged_into[merged_id] = pid
+            self.merges.append((merged_id, pid, event_id, decision.reason, at))
+        for key in decision.link:
+            if key not in self.owners:
+                self.first_seen[key] = at
+            self.owners[key] = pid
+        for key in [*decision.link, *kept]:
+            held[key] = max(at, held.get(key, at))
+            self.changed[key] = None
+        self.profiles[pid] = core.Known(pid, survivor.created_at, merges, held)
+
+
+async def _load(conn: AsyncConnection, keys: Sequence[core.Key]) -> _Working:
+    owners = await store.owners(conn, keys)
+    return _Working(owners=owners, profiles=await store.known(conn, sorted(set(owners.values()))))
+
+
+async def _write(conn: AsyncConnection, w: _Working) -> None:
+    if w.created:
+        await conn.execute(
+            text(
+                "INSERT INTO identity.profiles (profile_id, created_at) "
+                "SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:ats AS timestamptz[]))"
+            ),
+            {"ids": list(w.created), "ats": list(w.created.values())},
+        )
+    if w.changed:
+        keys = list(w.changed)
+        owner_of = [w.owners[k] for k in keys]
+        last = [w.profiles[o].identifiers[k] for k, o in zip(keys, owner_of, strict=True)]
+        await conn.execute(
+            text(
+                "INSERT INTO identity.identifiers (id_type, id_value, profile_id, first_seen, last_seen) "
+                "SELECT * FROM unnest(CAST(:t AS text[]), CAST(:v AS text[]), CAST(:p AS text[]), "
+                "CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[])) "
+                "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id, "
+                "last_seen = GREATEST(identity.identifiers.last_seen, EXCLUDED.last_seen)"
+            ),
+            {"t": [k[0] for k in keys], "v": [k[1] for k in keys], "p": owner_of,
+             "f": [w.first_seen.get(k, s) for k, s in zip(keys, last, strict=True)], "l": last},
+        )
+    if w.merged_into:
+        await conn.execute(
+            text(
+                "UPDATE identity.profiles p SET merged_into = m.s, user_id = NULL "
+                "FROM unnest(CAST(:m AS text[]), CAST(:s AS text[])) AS m(id, s) WHERE p.profile_id = m.id"
+            ),
+            {"m": list(w.merged_into), "s": list(w.merged_into.values())},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO identity.merges (merged_id, survivor_id, event_id, reason, merged_at) "
+                "SELECT * FROM unnest(CAST(:m AS text[]), CAST(:s AS text[]), CAST(:e AS text[]), "
+                "CAST(:r AS text[]), CAST(:at AS timestamptz[])) ON CONFLICT (merged_id) DO NOTHING"
+            ),
+            {"m": [r[0] for r in w.merges], "s": [r[1] for r in w.merges], "e": [r[2] for r in w.merges],
+             "r": [r[3] for r in w.merges], "at": [r[4] for r in w.merges]},
+        )
+    touched = sorted({w.owners[k] for k in w.changed})
+    if touched:
+        await conn.execute(
+            text(
+                "UPDATE identity.profiles p SET merge_count = c.n, user_id = (SELECT min(i.id_value) "
+                " FROM identity.identifiers i WHERE i.profile_id = p.profile_id AND i.id_type = 'user_id') "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:n AS int[])) AS c(id, n) WHERE p.profile_id = c.id"
+            ),
+            {"ids": touched, "n": [w.profiles[p].merge_count for p in touched]},
+        )
+
+
+def make_batch_handler(
+    rules: core.Rules,
+    event_keys: Callable[[event_pb2.Event, core.Rules], list[core.Key]],
+    event_time: Callable[[event_pb2.Event], datetime],
+    one_by_one: Handler,
+    resolved: Callable[[event_pb2.Event, core.Decision, Sequence[core.Key]], Sequence[eventlog.Outgoing]],
+) -> BatchHandler:
+    async def resolve_run(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
+        per_event = []
+        for event in events:
+            keys = event_keys(event, rules)
+            if not keys:
+                raise PermanentError("event carries no usable identifier")
+            per_event.append(keys)
+        working = await _load(conn, sorted({k for keys in per_event for k in keys}))
+        out: list[eventlog.Outgoing] = []
+        for event, keys in zip(events, per_event, strict=True):
+            at = event_time(event)
+            decision = core.decide(keys, working.owners, working.profiles, eventlog.derived_id(event.id, "profile"),
+                                   at, rules)
+            dropped = {key for key, _ in decision.dropped}
+            kept = [k for k in keys if k not in dropped]
+            working.apply(decision, kept, event.id, at)
+            out.extend(resolved(event, decision, kept))
+        await _write(conn, working)
+        return out
+
+    async def handle(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
+        out: list[eventlog.Outgoing] = []
+        run: list[event_pb2.Event] = []
+        for event in events:
+            if event.type in _COMMANDS:
+                if run:
+                    out.extend(await resolve_run(conn, run))
+                    run = []
+                out.extend(await one_by_one(conn, event))
+            else:
+                run.append(event)
+        if run:
+            out.extend(await resolve_run(conn, run))
+        return out
+
+    return handle
