@@ -39,6 +39,10 @@ log = structlog.get_logger("cdp.consumer")
 _DEAD_LETTER_PAYLOAD_LIMIT = eventlog.MAX_MESSAGE_BYTES - 64 * 1024
 
 
+class LostLock(Exception):
+    """The session holding this consumer's lock is gone: another replica may be applying now."""
+
+
 class PermanentError(Exception):
     """The message can never be applied (e.g. it lacks what the handler needs): dead-letter it now."""
 
@@ -92,6 +96,8 @@ class Consumer:
         self._batch_handler = batch_handler
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lock: AsyncConnection | None = None
+        self._standby_logged = False
         self.applied = 0
         self.dead_lettered = 0
 
@@ -135,13 +141,31 @@ class Consumer:
     async def _run(self) -> None:
         bound = structlog.contextvars.bound_contextvars
         with bound(consumer=self.spec.durable):
-            await self._flush_outbox()
-            sub = await self._js.pull_subscribe_bind(self.spec.durable, stream=self.stream)
-            try:
-                await self._loop(sub)
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            # One process at a time applies a durable consumer's messages: the checkpoint is one
+            # high-water mark, and two processes fetching different batches would skip each
+            # other's. Other replicas wait here as hot standbys; the lock goes with the session,
+            # so a replica that dies hands over at once.
+            async with self._engine.connect() as lock:
+                key = f"cdp-consumer:{self._schema}:{self.spec.durable}"
+                while not self._stopping.is_set():
+                    held = await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key})
+                    if held.scalar():
+                        break
+                    if not self._standby_logged:
+                        log.info("standby", reason="another replica applies this consumer")
+                        self._standby_logged = True
+                    await self._pause(1.0)
+                else:
+                    return
+                self._lock = lock
+                await self._flush_outbox()
+                sub = await self._js.pull_subscribe_bind(self.spec.durable, stream=self.stream)
+                try:
+                    await self._loop(sub)
+                finally:
+                    self._lock = None
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
     async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
         failures = 0
@@ -157,7 +181,8 @@ class Consumer:
             try:
                 await self.process(msgs)
                 failures = 0
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LostLock):
+                # Lost lock: stop, so the process exits and its supervisor restarts it as a standby.
                 await self._nak(msgs)
                 raise
             except Exception as error:  # noqa: BLE001 - the loop must go on
@@ -188,6 +213,12 @@ class Consumer:
     async def process(self, msgs: Sequence[Msg]) -> None:
         """Applies a batch: one transaction for the changes, the facts and the checkpoint."""
         table = f"{self._schema}.checkpoints"
+        if self._lock is not None:
+            # Still the only applier? If the session holding the lock is gone, so is the lock.
+            try:
+                await self._lock.execute(text("SELECT 1"))
+            except Exception as error:  # noqa: BLE001 - any failure means the lock may be lost
+                raise LostLock(f"the session holding the lock of {self.spec.durable} failed: {error!r}") from error
         async with self._engine.begin() as conn:
             await conn.execute(
                 text(f"INSERT INTO {table} (consumer) VALUES (:c) ON CONFLICT DO NOTHING"),

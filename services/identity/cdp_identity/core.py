@@ -69,6 +69,8 @@ class Rules:
         if unknown:
             raise InvalidRules(f"unknown key(s): {', '.join(sorted(unknown))}")
         types = dict(DEFAULT_RULES.types)
+        if not isinstance(data.get("types", {}), Mapping):
+            raise InvalidRules("types: must be an object of type name -> rule")
         for name, raw in (data.get("types") or {}).items():
             if name not in ids.TYPES and not ids.valid_custom_type(name) and not name.endswith("_sha256"):
                 raise InvalidRules(f"types.{name}: not an identifier type name")
@@ -105,8 +107,10 @@ def _type_rule(where: str, raw: Any) -> TypeRule:
         raise InvalidRules(f"{where}.priority: must be an integer")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise InvalidRules(f"{where}.limit: must be a positive integer")
-    if window is not None and (not isinstance(window, int | float) or isinstance(window, bool) or window <= 0):
-        raise InvalidRules(f"{where}.window_days: must be a positive number")
+    if window is not None and (
+        not isinstance(window, int | float) or isinstance(window, bool) or not 0 < window <= 36_500
+    ):
+        raise InvalidRules(f"{where}.window_days: must be a number of days from 0 to 36500")
     return TypeRule(priority, limit, None if window is None else float(window))
 
 
@@ -208,7 +212,7 @@ def decide(
         link, dropped_cap = _cap_identifiers(keep, 0, rules)
         return Decision(new_profile_id, True, link=tuple(link), dropped=tuple(dropped + dropped_cap))
     survivor, merged = candidates[0], candidates[1:]
-    if merged and known[survivor].merge_count + len(merged) > rules.max_merges:
+    if merged and known[survivor].merge_count + sum(1 + known[m].merge_count for m in merged) > rules.max_merges:
         left_out = [k for k in keep if owners.get(k) in merged]
         dropped += [(k, f"profile {survivor} reached max_merges ({rules.max_merges})") for k in left_out]
         keep = [k for k in keep if k not in left_out]
