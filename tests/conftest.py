@@ -7,8 +7,11 @@ log namespace (streams and subjects) and its own database, so tests never see ea
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,21 +23,30 @@ from cdp_cli import infra
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def servers_dir() -> Iterator[Path]:
+    """The servers' data, outside pytest's own temp dirs: pytest prunes old ones, and another
+    pytest run on the machine could delete a live server's files under it."""
+    directory = Path(tempfile.mkdtemp(prefix="cdp-test-servers-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nats_url(servers_dir: Path) -> Iterator[str]:
     if os.environ.get("CDP_NATS_URL"):
         yield os.environ["CDP_NATS_URL"]
         return
-    server = infra.start_nats(tmp_path_factory.mktemp("nats"))
+    server = infra.start_nats(servers_dir / "nats")
     yield server.url
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_url(servers_dir: Path) -> Iterator[str]:
     if os.environ.get("CDP_DATABASE_URL"):
         yield os.environ["CDP_DATABASE_URL"]
         return
-    server = infra.start_postgres(tmp_path_factory.mktemp("pg") / "data", keep=False)
+    server = infra.start_postgres(servers_dir / "pg" / "data", keep=False)
     yield server.url
     server.stop()
 
