@@ -19,6 +19,7 @@ identity handlers in the shared consumer loop, into a fresh database each time:
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -38,7 +39,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog
@@ -335,3 +336,42 @@ async def test_the_resolver_matches_the_model_whatever_the_delivery(
     assert redelivered == single  # (d)
     check_consistent(reordered)
     check_equals_model(reordered, modelled(shuffled, RULES[rules_name])[0])
+
+
+async def test_two_consumer_loops_of_the_durable_lose_nothing(nats_url: str, postgres_url: str) -> None:
+    """Two replicas of the resolver on one durable: they must not apply batches concurrently,
+    or the checkpoint (one high-water mark) would skip whichever batch commits second. Random
+    pauses in the handlers shuffle which transaction would commit first."""
+    rng = random.Random(7)
+    events = [
+        (f"ev-{i}", Draft("identify", (("anonymous_id", f"a{i}"), ("device_id", f"d{rng.randrange(80)}")), i % 5))
+        for i in range(300)
+    ]
+
+    def jittered(c: Consumer) -> Consumer:
+        one_by_one, whole_batch = c._handler, c._batch_handler
+        assert whole_batch is not None
+
+        async def slow_one(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+            await asyncio.sleep(rng.random() / 200)
+            return await one_by_one(conn, event)
+
+        async def slow_batch(conn: AsyncConnection, batch: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
+            await asyncio.sleep(rng.random() / 50)
+            return await whole_batch(conn, batch)
+
+        c._handler, c._batch_handler = slow_one, slow_batch
+        return c
+
+    nc = await nats.connect(nats_url)
+    try:
+        async with namespace(nc) as topology, fresh_database(postgres_url) as engine:
+            await publish(nc, topology, events)
+            rules = core.DEFAULT_RULES
+            await drain(nc, jittered(consumer(nc, engine, topology, rules, spec(4))),
+                        jittered(consumer(nc, engine, topology, rules, spec(4))))
+            graph = await read_graph(engine)
+    finally:
+        await nc.close()
+    check_consistent(graph)
+    check_equals_model(graph, modelled(events, {})[0])

@@ -222,13 +222,11 @@ class Model:
         return Outcome(profile, created, frozenset(merged), frozenset(keys), frozenset(dropped))
 
     def partition(self) -> set[frozenset[Key]]:
-        groups: dict[str, set[Key]] = {}
-        for key, profile in self.owner.items():
-            groups.setdefault(profile, set()).add(key)
-        return {frozenset(g) for g in groups.values()}
+        return partition_of(self.owner)
 
 
 def partition_of(owners: Mapping[Key, str]) -> set[frozenset[Key]]:
+    """The identifiers grouped by profile, without the profiles' names."""
     groups: dict[str, set[Key]] = {}
     for key, profile in owners.items():
         groups.setdefault(profile, set()).add(key)

@@ -33,6 +33,8 @@ class _Working:
     changed: dict[core.Key, None] = field(default_factory=dict)
     merged_into: dict[str, str] = field(default_factory=dict)
     merges: list[tuple[str, str, str, str, datetime]] = field(default_factory=list)
+    # Profiles whose user_id may have changed (a user_id linked or merged in).
+    user_changed: dict[str, None] = field(default_factory=dict)
 
     def apply(self, decision: core.Decision, kept: Sequence[core.Key], event_id: str, at: datetime) -> None:
         pid = decision.profile_id
@@ -51,6 +53,8 @@ class _Working:
             merges += 1 + other.merge_count
             self.merged_into[merged_id] = pid
             self.merges.append((merged_id, pid, event_id, decision.reason, at))
+        if decision.merged or any(t == "user_id" for t, _ in decision.link):
+            self.user_changed[pid] = None
         for key in decision.link:
             if key not in self.owners:
                 self.first_seen[key] = at
@@ -107,15 +111,23 @@ async def _write(conn: AsyncConnection, w: _Working) -> None:
             {"m": [r[0] for r in w.merges], "s": [r[1] for r in w.merges], "e": [r[2] for r in w.merges],
              "r": [r[3] for r in w.merges], "at": [r[4] for r in w.merges]},
         )
-    touched = sorted({w.owners[k] for k in w.changed})
-    if touched:
+    survivors = sorted({s for _, s, _, _, _ in w.merges if s in w.profiles})
+    if survivors:
         await conn.execute(
             text(
-                "UPDATE identity.profiles p SET merge_count = c.n, user_id = (SELECT min(i.id_value) "
-                " FROM identity.identifiers i WHERE i.profile_id = p.profile_id AND i.id_type = 'user_id') "
+                "UPDATE identity.profiles p SET merge_count = c.n "
                 "FROM unnest(CAST(:ids AS text[]), CAST(:n AS int[])) AS c(id, n) WHERE p.profile_id = c.id"
             ),
-            {"ids": touched, "n": [w.profiles[p].merge_count for p in touched]},
+            {"ids": survivors, "n": [w.profiles[p].merge_count for p in survivors]},
+        )
+    users = sorted(p for p in w.user_changed if p in w.profiles)
+    if users:
+        await conn.execute(
+            text(
+                "UPDATE identity.profiles p SET user_id = (SELECT min(i.id_value) FROM identity.identifiers i "
+                "WHERE i.profile_id = p.profile_id AND i.id_type = 'user_id') WHERE p.profile_id = ANY(:ids)"
+            ),
+            {"ids": users},
         )
 
 
