@@ -77,6 +77,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cdp_cli.infra import Postgres, free_port, start_nats, start_postgres
 from cdp_cli.suite import healthy
+from cdp_cli.suite import tail as _tail
 from cdp_common import eventlog
 from cdp_ingest import core as ingest_core
 from cdp_ingest.ingestor import build_event
@@ -181,8 +182,9 @@ class Code:
 
 CODE = Code()
 
-# Everything this script started, stopped in `finally` whatever happens (error, Ctrl-C, SIGTERM).
-_children: list[subprocess.Popen[bytes]] = []
+# Everything this script started, stopped in `finally` whatever happens (error, Ctrl-C, SIGTERM):
+# the same list bench/ingest.py keeps, so its `_stop_process` serves both.
+_children: list[subprocess.Popen[bytes]] = ib._children
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -511,22 +513,9 @@ class Log:
         return time.perf_counter() - began
 
 
-def _stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    with contextlib.suppress(ValueError):
-        _children.remove(process)
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    ib._stop_process(process, timeout=30.0)
 
-
-def _tail(path: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 @dataclass

@@ -61,7 +61,7 @@ def healthy(address: str, timeout: float = 1.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -99,7 +99,7 @@ def services(data_dir: Path, settings: Mapping[str, str], timeout: float = 60.0)
                 if service.process.poll() is not None:
                     raise InfraError(
                         f"service {service.name} exited with code {service.process.returncode}; "
-                        f"last lines of {service.log_file}:\n{_tail(service.log_file)}"
+                        f"last lines of {service.log_file}:\n{tail(service.log_file)}"
                     )
                 if time.monotonic() > deadline:
                     raise InfraError(f"service {service.name} not healthy within {timeout:.0f}s; see {service.log_file}")
