@@ -86,7 +86,7 @@ def rule_sets(draw: st.DrawFn) -> tuple[core.Rules, Spec]:
 times = st.sampled_from([0, 0, 1, 5, 10, 11, 20, 30.5, 31, 45, 60, 90])
 
 
-# --- core.decide applied in memory, the way store.apply and the handler do it -------------------
+# --- core.decide applied in memory, the way the handler writes it ---------------------------------
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Graph:
             self.owner[key] = pid
             self.last_seen[key] = max(self.last_seen.get(key, at), at)
         dropped = {k for k, _ in decision.dropped}
-        for key in [k for k in keys if k not in dropped and k not in decision.link]:  # store.touch
+        for key in [k for k in keys if k not in dropped and k not in decision.link]:  # already held: last_seen
             self.last_seen[key] = max(self.last_seen[key], at)
         return decision
 

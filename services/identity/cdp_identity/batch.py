@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
-from cdp_common import eventlog
+from cdp_common import convert, eventlog, identifiers
 from cdp_common.consumer import BatchHandler, Handler, PermanentError
 from cdp_identity import core, store
 
@@ -131,46 +131,66 @@ async def _write(conn: AsyncConnection, w: _Working) -> None:
         )
 
 
-def make_batch_handler(
-    rules: core.Rules,
-    event_keys: Callable[[event_pb2.Event, core.Rules], list[core.Key]],
-    event_time: Callable[[event_pb2.Event], datetime],
-    one_by_one: Handler,
-    resolved: Callable[[event_pb2.Event, core.Decision, Sequence[core.Key]], Sequence[eventlog.Outgoing]],
-) -> BatchHandler:
-    async def resolve_run(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
-        per_event = []
-        for event in events:
-            keys = event_keys(event, rules)
-            if not keys:
-                raise PermanentError("event carries no usable identifier")
-            per_event.append(keys)
-        working = await _load(conn, sorted({k for keys in per_event for k in keys}))
-        out: list[eventlog.Outgoing] = []
-        for event, keys in zip(events, per_event, strict=True):
-            at = event_time(event)
-            decision = core.decide(keys, working.owners, working.profiles, eventlog.derived_id(event.id, "profile"),
-                                   at, rules)
-            dropped = {key for key, _ in decision.dropped}
-            kept = [k for k in keys if k not in dropped]
-            working.apply(decision, kept, event.id, at)
-            out.extend(resolved(event, decision, kept))
-        await _write(conn, working)
-        return out
+def event_time(event: event_pb2.Event) -> datetime:
+    return convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now()
 
+
+def event_keys(event: event_pb2.Event, rules: core.Rules) -> list[core.Key]:
+    raw = {name: getattr(event.identifiers, name) for name in identifiers.TYPES}
+    return core.event_identifiers(raw, event.identifiers.custom, rules)
+
+
+Resolved = Callable[[event_pb2.Event, core.Decision, Sequence[core.Key]], Sequence[eventlog.Outgoing]]
+
+
+async def resolve_events(
+    conn: AsyncConnection, events: Sequence[event_pb2.Event], rules: core.Rules, resolved: Resolved
+) -> list[eventlog.Outgoing]:
+    """Resolves events in order, each seeing the decisions before it, and writes the result."""
+    per_event = []
+    for event in events:
+        keys = event_keys(event, rules)
+        if not keys:
+            raise PermanentError(f"event {event.id} carries no usable identifier (all empty or blocked values)")
+        per_event.append(keys)
+    working = await _load(conn, sorted({k for keys in per_event for k in keys}))
+    out: list[eventlog.Outgoing] = []
+    for event, keys in zip(events, per_event, strict=True):
+        at = event_time(event)
+        decision = core.decide(keys, working.owners, working.profiles, eventlog.derived_id(event.id, "profile"),
+                               at, rules)
+        dropped = {key for key, _ in decision.dropped}
+        kept = [k for k in keys if k not in dropped]
+        working.apply(decision, kept, event.id, at)
+        out.extend(resolved(event, decision, kept))
+    await _write(conn, working)
+    return out
+
+
+async def merge(
+    conn: AsyncConnection, decision: core.Decision, known: dict[str, core.Known], event_id: str, at: datetime
+) -> None:
+    """Applies an operator's merge of profiles already read (and locked) into `known`."""
+    owners = {key: profile for profile, facts in known.items() for key in facts.identifiers}
+    working = _Working(owners=owners, profiles=dict(known))
+    working.apply(decision, (), event_id, at)
+    await _write(conn, working)
+
+
+def make_batch_handler(rules: core.Rules, one_by_one: Handler, resolved: Resolved) -> BatchHandler:
     async def handle(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
         out: list[eventlog.Outgoing] = []
         run: list[event_pb2.Event] = []
         for event in events:
             if event.type in _COMMANDS:
                 if run:
-                    out.extend(await resolve_run(conn, run))
+                    out.extend(await resolve_events(conn, run, rules, resolved))
                     run = []
                 out.extend(await one_by_one(conn, event))
             else:
                 run.append(event)
         if run:
-            out.extend(await resolve_run(conn, run))
+            out.extend(await resolve_events(conn, run, rules, resolved))
         return out
 
     return handle

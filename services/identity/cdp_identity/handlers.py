@@ -4,19 +4,16 @@ requests, in log order; publish the resolutions, merges and splits."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog
-from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError
+from cdp_common import eventlog, identifiers
+from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler
 from cdp_identity import batch, core, store
 
 SPEC = ConsumerSpec(durable="identity-resolve", area="collected")
-
-_BUILT_IN = ("user_id", "anonymous_id", "email", "phone", "device_id")
 
 log = structlog.get_logger("cdp.identity")
 
@@ -24,20 +21,11 @@ log = structlog.get_logger("cdp.identity")
 def _identifiers(keys: Sequence[core.Key]) -> event_pb2.Identifiers:
     result = event_pb2.Identifiers()
     for id_type, value in keys:
-        if id_type in _BUILT_IN:
+        if id_type in identifiers.TYPES:
             setattr(result, id_type, value)
         else:
             result.custom[id_type] = value
     return result
-
-
-def event_time(event: event_pb2.Event) -> datetime:
-    return convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now()
-
-
-def event_keys(event: event_pb2.Event, rules: core.Rules) -> list[core.Key]:
-    raw = {name: getattr(event.identifiers, name) for name in _BUILT_IN}
-    return core.event_identifiers(raw, event.identifiers.custom, rules)
 
 
 
@@ -76,25 +64,15 @@ def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_
         return out
 
     async def resolve(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        keys = event_keys(event, rules)
-        if not keys:
-            raise PermanentError("event carries no usable identifier (all empty or blocked values)")
-        owners = await store.owners(conn, keys)
-        known = await store.known(conn, sorted(set(owners.values())))
-        at = event_time(event)
-        decision = core.decide(keys, owners, known, eventlog.derived_id(event.id, "profile"), at, rules)
-        await store.apply(conn, decision, event.id, at)
-        dropped = {key for key, _ in decision.dropped}
-        kept = [k for k in keys if k not in dropped]
-        await store.touch(conn, [k for k in kept if k not in decision.link], at)
-        return resolved_facts(event, decision, kept)
+        # The same path as a whole batch, for one event: one way to write a decision.
+        return await batch.resolve_events(conn, [event], rules, resolved_facts)
 
     async def merge_requested(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         request = event.merge_requested
         others = [p for p in dict.fromkeys(request.profile_ids) if p != request.survivor_id]
         known = await store.known(conn, [request.survivor_id, *others])
         live = await store.live_profiles(conn, [request.survivor_id, *others])
-        at = event_time(event)
+        at = batch.event_time(event)
         refusal = (
             "every profile must exist and not be merged already"
             if len(live) != len(others) + 1
@@ -105,7 +83,7 @@ def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_
             return []
         reason = f"operator merge: {request.reason}" if request.reason else "operator merge"
         decision = core.Decision(request.survivor_id, False, tuple(others), (), (), reason)
-        await store.apply(conn, decision, event.id, at)
+        await batch.merge(conn, decision, known, event.id, at)
         return [merged_fact(event, request.survivor_id, others, reason, [])]
 
     async def split_requested(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
@@ -124,7 +102,7 @@ def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_
         new = eventlog.derived_id(event.id, "split")
         reason = f"operator split: {request.reason}" if request.reason else "operator split"
         await store.split(conn, source=request.profile_id, new=new, keys=keys, event_id=event.id, reason=reason,
-                          at=event_time(event))
+                          at=batch.event_time(event))
         fact = eventlog.new_event("profile_split", event_id=eventlog.derived_id(event.id, "split-fact"),
                                   source="identity", cause=event)
         fact.profile_id = request.profile_id
@@ -141,4 +119,4 @@ def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_
             return await split_requested(conn, event)
         return await resolve(conn, event)
 
-    return handle, batch.make_batch_handler(rules, event_keys, event_time, handle, resolved_facts)
+    return handle, batch.make_batch_handler(rules, handle, resolved_facts)

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_identity.core import Decision, Key, Known
+from cdp_identity.core import Key, Known
 
 MIGRATIONS = (
     (
@@ -83,75 +83,6 @@ async def known(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, 
         p: Known(p, created, merges, held[p])  # type: ignore[arg-type]
         for p, (created, merges) in profiles.items()
     }
-
-
-async def apply(conn: AsyncConnection, decision: Decision, event_id: str, at: datetime) -> None:
-    pid = decision.profile_id
-    if decision.created:
-        await conn.execute(
-            text("INSERT INTO identity.profiles (profile_id, created_at) VALUES (:p, :at)"),
-            {"p": pid, "at": at},
-        )
-    if decision.merged:
-        await conn.execute(
-            text("UPDATE identity.identifiers SET profile_id = :p WHERE profile_id = ANY(:m)"),
-            {"p": pid, "m": list(decision.merged)},
-        )
-        await conn.execute(
-            text(
-                "UPDATE identity.profiles s SET user_id = COALESCE(s.user_id, "
-                "(SELECT max(user_id) FROM identity.profiles WHERE profile_id = ANY(:m))) "
-                "WHERE s.profile_id = :p"
-            ),
-            {"p": pid, "m": list(decision.merged)},
-        )
-        await conn.execute(
-            text(
-                "UPDATE identity.profiles SET merge_count = merge_count + :n + "
-                "(SELECT coalesce(sum(merge_count), 0) FROM identity.profiles WHERE profile_id = ANY(:m)) "
-                "WHERE profile_id = :p"
-            ),
-            {"p": pid, "m": list(decision.merged), "n": len(decision.merged)},
-        )
-        await conn.execute(
-            text("UPDATE identity.profiles SET merged_into = :p, user_id = NULL WHERE profile_id = ANY(:m)"),
-            {"p": pid, "m": list(decision.merged)},
-        )
-        await conn.execute(
-            text(
-                "INSERT INTO identity.merges (merged_id, survivor_id, event_id, reason, merged_at) "
-                "SELECT m, :p, :e, :r, :at FROM unnest(CAST(:m AS text[])) AS m "
-                "ON CONFLICT (merged_id) DO NOTHING"
-            ),
-            {"p": pid, "m": list(decision.merged), "e": event_id, "r": decision.reason, "at": at},
-        )
-    if decision.link:
-        await conn.execute(
-            text(
-                "INSERT INTO identity.identifiers (id_type, id_value, profile_id, first_seen, last_seen) "
-                "SELECT t, v, :p, :at, :at FROM unnest(CAST(:types AS text[]), CAST(:vals AS text[])) AS k(t, v) "
-                "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id, "
-                "last_seen = GREATEST(identity.identifiers.last_seen, EXCLUDED.last_seen)"
-            ),
-            {"p": pid, "at": at, "types": [k[0] for k in decision.link], "vals": [k[1] for k in decision.link]},
-        )
-        user_ids = [v for t, v in decision.link if t == "user_id"]
-        if user_ids:
-            await conn.execute(
-                text("UPDATE identity.profiles SET user_id = :u WHERE profile_id = :p"),
-                {"u": user_ids[0], "p": pid},
-            )
-
-
-async def touch(conn: AsyncConnection, keys: Sequence[Key], at: datetime) -> None:
-    await conn.execute(
-        text(
-            "UPDATE identity.identifiers i SET last_seen = GREATEST(i.last_seen, :at) "
-            "FROM unnest(CAST(:types AS text[]), CAST(:vals AS text[])) AS k(t, v) "
-            "WHERE i.id_type = k.t AND i.id_value = k.v"
-        ),
-        {"at": at, "types": [k[0] for k in keys], "vals": [k[1] for k in keys]},
-    )
 
 
 async def resolve(conn: AsyncConnection, key: Key) -> str | None:

@@ -14,10 +14,11 @@ from types import MappingProxyType
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from cdp_common import identifiers
 from cdp_common.identifiers import valid_custom_type
 
 KINDS = ("track", "identify", "alias", "page", "screen", "group")
-BUILT_IN_IDS = ("user_id", "anonymous_id", "email", "phone", "device_id")
+BUILT_IN_IDS = identifiers.TYPES
 MAX_ID_LENGTH = 256
 MAX_NAME_LENGTH = 200
 MAX_FIELDS = 500

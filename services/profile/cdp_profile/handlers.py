@@ -8,14 +8,13 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog
+from cdp_common import convert, eventlog, identifiers
 from cdp_common.consumer import ConsumerSpec, Handler, PermanentError
 from cdp_profile import core, store
 from cdp_profile.messages import snapshot
 
 SPEC = ConsumerSpec(durable="profile-project", area="identity")
 
-_BUILT_IN = ("user_id", "anonymous_id", "email", "phone", "device_id")
 
 
 def make_handler(topology: eventlog.Topology) -> Handler:
@@ -53,7 +52,7 @@ def make_handler(topology: eventlog.Topology) -> Handler:
     async def on_resolved(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         at = convert.to_datetime(event.occurred_at) or eventlog.now()
         properties = convert.struct_to_dict(event.properties)
-        ids = [(n, getattr(event.identifiers, n)) for n in _BUILT_IN if getattr(event.identifiers, n)]
+        ids = [(n, getattr(event.identifiers, n)) for n in identifiers.TYPES if getattr(event.identifiers, n)]
         ids += list(event.identifiers.custom.items())
         traits = convert.struct_to_dict(event.traits)
         if not await store.record_event(
