@@ -464,38 +464,16 @@ class Servers:
             await conn.close()
 
 
-class Log:
-    """Admin access to JetStream: fresh namespaces, counts, consumer state."""
+class Log(ib.Log):  # type: ignore[misc,name-defined]
+    """bench/ingest.py's JetStream admin (fresh namespaces, counts, drop), plus subject counts and
+    publishing a workload."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.nc: Any = None
-        self.js: Any = None
-
-    async def __aenter__(self) -> Log:
-        self.nc = await nats.connect(self.url)
-        self.js = self.nc.jetstream()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.nc.close()
-
-    async def fresh(self, label: str) -> eventlog.Topology:
-        topology = eventlog.Topology(f"b{label}{uuid.uuid4().hex[:10]}")
-        await eventlog.provision_streams(self.js, topology)
-        return topology
-
-    async def count(self, topology: eventlog.Topology, area: str = "collected") -> int:
-        return int((await self.js.stream_info(topology.stream(area))).state.messages)
+        super().__init__(url, server_pid=0)
 
     async def subjects(self, topology: eventlog.Topology, area: str) -> dict[str, int]:
         info = await self.js.stream_info(topology.stream(area), subjects_filter=">")
         return dict(info.state.subjects or {})
-
-    async def drop(self, topology: eventlog.Topology) -> None:
-        for area in eventlog.AREAS:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await self.js.delete_stream(topology.stream(area))
 
     async def publish(self, topology: eventlog.Topology, workload: Workload) -> float:
         """All events into the COLLECTED stream with the service's own pipelined publisher."""

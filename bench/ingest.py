@@ -309,8 +309,8 @@ class Log:
         if (count := await self.count(topology)) != 0:
             raise RuntimeError(f"stream not empty after purge: {count}")
 
-    async def count(self, topology: eventlog.Topology) -> int:
-        info = await self.js.stream_info(topology.stream("collected"))
+    async def count(self, topology: eventlog.Topology, area: str = "collected") -> int:
+        info = await self.js.stream_info(topology.stream(area))
         return int(info.state.messages)
 
     async def drop(self, topology: eventlog.Topology) -> None:
