@@ -19,14 +19,15 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.v1 import event_pb2
 from cdp_common import eventlog
-from cdp_common.db import Outbox
+from cdp_common.db import Added, Outbox
+from cdp_common.pull import Puller
 
 Handler = Callable[[AsyncConnection, event_pb2.Event], Awaitable[Sequence[eventlog.Outgoing]]]
 # Applies a whole batch at once (a few queries instead of a few per event); when it fails, the
@@ -59,9 +60,9 @@ class ConsumerSpec:
     max_attempts: int = 5
     ack_wait_seconds: float = 30.0
     retry_backoff_seconds: float = 0.05
-    # Stream sequences this consumer applies in one transaction bound the work lost on a crash;
-    # twice the batch lets the next fetch be served while acks of the last are in flight.
+    # Two batches: the one being applied and the one fetched ahead of it.
     max_ack_pending: int = 400
+    # How long a request waits for a message once the consumer has caught up.
     fetch_timeout_seconds: float = 1.0
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -98,6 +99,8 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         self._lock: AsyncConnection | None = None
         self._standby_logged = False
+        # Outbox rows published after the last commit, deleted in the next transaction.
+        self._published: list[int] = []
         self.applied = 0
         self.dead_lettered = 0
 
@@ -105,12 +108,15 @@ class Consumer:
     def stream(self) -> str:
         return self._topology.stream(self.spec.area)
 
-    def consumer_config(self) -> ConsumerConfig:
+    def consumer_config(self, start_after: int = 0) -> ConsumerConfig:
         filters = list(self.spec.filter_subjects)
         return ConsumerConfig(
             durable_name=self.spec.durable,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_after else DeliverPolicy.ALL,
+            opt_start_seq=start_after + 1 if start_after else None,
+            # Messages are applied in order by one process, so one ack per batch (its last
+            # message) acknowledges the whole batch.
+            ack_policy=AckPolicy.ALL,
             ack_wait=self.spec.ack_wait_seconds,
             # Unlimited on purpose: the loop itself dead-letters a failing message after
             # max_attempts, so an outage of PostgreSQL never makes the server drop messages.
@@ -120,7 +126,43 @@ class Consumer:
         )
 
     async def provision(self) -> None:
-        await self._js.add_consumer(self.stream, self.consumer_config())
+        """Creates the durable consumer if it does not exist (its position is fixed under the lock)."""
+        try:
+            await self._js.consumer_info(self.stream, self.spec.durable)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_consumer(self.stream, self.consumer_config())
+
+    async def _reposition(self, force: bool = False) -> None:
+        """Makes the consumer deliver from the first message not applied yet, in order.
+
+        Messages delivered but not applied (a previous holder died, or a batch failed) would
+        otherwise come back only after ack_wait, behind newer ones: applying those first would move
+        the checkpoint past them, and they would be skipped as applied. So the consumer is
+        recreated at the checkpoint, as is one made by an older version with other settings.
+        """
+        info: ConsumerInfo | None
+        try:
+            info = await self._js.consumer_info(self.stream, self.spec.durable)
+        except nats.js.errors.NotFoundError:
+            info = None
+        wanted = self.consumer_config()
+        if not force and info is not None and info.num_ack_pending == 0 and info.config.ack_policy == wanted.ack_policy and (
+            sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) ==
+            sorted(wanted.filter_subjects or [""])
+        ):
+            return
+        async with self._engine.connect() as conn:
+            applied = (
+                await conn.execute(
+                    text(f"SELECT stream_sequence FROM {self._schema}.checkpoints WHERE consumer = :c"),
+                    {"c": self.spec.durable},
+                )
+            ).scalar()
+        if info is not None:
+            await self._js.delete_consumer(self.stream, self.spec.durable)
+        await self._js.add_consumer(self.stream, self.consumer_config(start_after=int(applied or 0)))
+        log.info("consumer_repositioned", after_sequence=int(applied or 0),
+                 unacknowledged=info.num_ack_pending if info else 0)
 
     async def start(self) -> asyncio.Task[None]:
         await self.provision()
@@ -159,23 +201,35 @@ class Consumer:
                     return
                 self._lock = lock
                 await self._flush_outbox()
-                sub = await self._js.pull_subscribe_bind(self.spec.durable, stream=self.stream)
+                puller = Puller(self._js._nc, self.stream, self.spec.durable, self.spec.batch,  # noqa: SLF001
+                                self.spec.fetch_timeout_seconds)
                 try:
-                    await self._loop(sub)
+                    await self._reposition()
+                    await self._loop(puller)
                 finally:
                     self._lock = None
+                    await puller.forget()
                     with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                        await self._forget_published()
 
-    async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _loop(self, puller: Puller) -> None:
         failures = 0
+        reposition = False
         while not self._stopping.is_set():
             try:
-                msgs = await sub.fetch(self.spec.batch, timeout=self.spec.fetch_timeout_seconds)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
-            except eventlog.LOG_UNAVAILABLE as error:
-                log.warning("fetch_failed", error=str(error))
+                if reposition:
+                    # Whatever was delivered and not applied is delivered again, in order, before
+                    # anything newer: nothing is applied ahead of a batch that failed.
+                    await puller.forget()
+                    await self._reposition(force=True)
+                    reposition = False
+                msgs = await puller.fetch()
+                if not msgs:
+                    await self._forget_published()
+                    continue
+            except Exception as error:  # noqa: BLE001 - the log or the database is down: wait, retry
+                reposition = True
+                log.warning("fetch_failed", error=repr(error))
                 await self._pause(1.0)
                 continue
             try:
@@ -183,12 +237,12 @@ class Consumer:
                 failures = 0
             except (asyncio.CancelledError, LostLock):
                 # Lost lock: stop, so the process exits and its supervisor restarts it as a standby.
-                await self._nak(msgs)
+                # The next holder repositions the consumer at the checkpoint.
                 raise
             except Exception as error:  # noqa: BLE001 - the loop must go on
                 failures += 1
+                reposition = True
                 log.error("batch_failed", error=repr(error), messages=len(msgs))
-                await self._nak(msgs)
                 await self._pause(min(0.2 * 2**failures, 5.0))
 
     async def _pause(self, seconds: float) -> None:
@@ -196,13 +250,6 @@ class Consumer:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
-
-    async def _nak(self, msgs: Sequence[Msg]) -> None:
-        for msg in msgs:
-            try:
-                await msg.nak(delay=1.0)
-            except Exception:  # noqa: BLE001 - ack_wait redelivers it anyway
-                pass
 
     async def _flush_outbox(self) -> None:
         try:
@@ -212,46 +259,56 @@ class Consumer:
 
     async def process(self, msgs: Sequence[Msg]) -> None:
         """Applies a batch: one transaction for the changes, the facts and the checkpoint."""
-        table = f"{self._schema}.checkpoints"
         if self._lock is not None:
             # Still the only applier? If the session holding the lock is gone, so is the lock.
             try:
                 await self._lock.execute(text("SELECT 1"))
             except Exception as error:  # noqa: BLE001 - any failure means the lock may be lost
                 raise LostLock(f"the session holding the lock of {self.spec.durable} failed: {error!r}") from error
+        added: list[Added] = []
         async with self._engine.begin() as conn:
-            await conn.execute(
-                text(f"INSERT INTO {table} (consumer) VALUES (:c) ON CONFLICT DO NOTHING"),
-                {"c": self.spec.durable},
-            )
+            await self._outbox.delete(conn, self._published)
+            # Creates the row on first use and locks it: a second applier waits here, then skips.
             applied_up_to = (
                 await conn.execute(
-                    text(f"SELECT stream_sequence FROM {table} WHERE consumer = :c FOR UPDATE"),
+                    text(
+                        f"INSERT INTO {self._schema}.checkpoints AS c (consumer) VALUES (:c) ON CONFLICT (consumer) "
+                        "DO UPDATE SET consumer = c.consumer RETURNING c.stream_sequence"
+                    ),
                     {"c": self.spec.durable},
                 )
             ).scalar_one()
             last = applied_up_to
             fresh = [msg for msg in msgs if msg.metadata.sequence.stream > applied_up_to]
-            if fresh and await self._apply_batch(conn, fresh):
+            if fresh and await self._apply_batch(conn, fresh, added):
                 last = fresh[-1].metadata.sequence.stream
                 fresh = []
             for msg in fresh:
                 sequence = msg.metadata.sequence.stream
                 if sequence <= last:
                     continue
-                outgoing = await self._apply(conn, msg)
-                await self._outbox.add(conn, outgoing)
+                added.append(await self._outbox.add(conn, await self._apply(conn, msg)))
                 last = sequence
             if last != applied_up_to:
                 await conn.execute(
-                    text(f"UPDATE {table} SET stream_sequence = :s, updated_at = now() WHERE consumer = :c"),
+                    text(
+                        f"UPDATE {self._schema}.checkpoints SET stream_sequence = :s, updated_at = now() "
+                        "WHERE consumer = :c"
+                    ),
                     {"s": last, "c": self.spec.durable},
                 )
-        await self._flush_outbox()
-        for msg in msgs:
-            await msg.ack()
+        self._published = []
+        self._published = await self._outbox.publish(added)
+        await msgs[-1].ack()
 
-    async def _apply_batch(self, conn: AsyncConnection, msgs: Sequence[Msg]) -> bool:
+    async def _forget_published(self) -> None:
+        """Deletes the outbox rows already published (done with the next batch while busy)."""
+        if self._published:
+            async with self._engine.begin() as conn:
+                await self._outbox.delete(conn, self._published)
+            self._published = []
+
+    async def _apply_batch(self, conn: AsyncConnection, msgs: Sequence[Msg], added: list[Added]) -> bool:
         """The whole batch through the batch handler, in one savepoint; False to go one by one."""
         if self._batch_handler is None or len(msgs) < 2:
             return False
@@ -262,7 +319,7 @@ class Consumer:
         try:
             async with conn.begin_nested():
                 outgoing = await self._batch_handler(conn, events)
-                await self._outbox.add(conn, outgoing)
+                added.append(await self._outbox.add(conn, outgoing))
         except Exception as error:  # noqa: BLE001 - decided below
             if _infrastructure_failure(error):
                 raise

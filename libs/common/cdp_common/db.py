@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import text
@@ -77,6 +78,14 @@ async def migrate(engine: AsyncEngine, schema: str, migrations: Sequence[Migrati
         return applied
 
 
+@dataclass(frozen=True)
+class Added:
+    """Facts written to the outbox in an open transaction: their row ids and the messages."""
+
+    ids: list[int]
+    messages: list[tuple[str, bytes, dict[str, str]]]
+
+
 class Outbox:
     """Facts written in the same transaction as the change that caused them, published after.
 
@@ -90,27 +99,46 @@ class Outbox:
         self._publisher = publisher
         self._schema = schema
         self._lock = asyncio.Lock()
+        # A publish failed: rows may wait in the table, and they go out before anything newer.
+        self._backlog = False
 
-    async def add(self, conn: AsyncConnection, outgoing: Sequence[eventlog.Outgoing]) -> None:
+    async def add(self, conn: AsyncConnection, outgoing: Sequence[eventlog.Outgoing]) -> Added:
         if not outgoing:
-            return
-        await conn.execute(
+            return Added([], [])
+        messages = [(o.subject, eventlog.encode(o.event), o.headers()) for o in outgoing]
+        rows = await conn.execute(
             text(
                 f"INSERT INTO {self._schema}.outbox (subject, msg_id, headers, payload) "
-                "VALUES (:subject, :msg_id, CAST(:headers AS jsonb), :payload)"
+                "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:m AS text[]), CAST(:h AS jsonb[]), "
+                "CAST(:p AS bytea[])) RETURNING id"
             ),
-            [
-                {
-                    "subject": o.subject,
-                    "msg_id": o.event.id,
-                    "headers": json.dumps(o.headers()),
-                    "payload": eventlog.encode(o.event),
-                }
-                for o in outgoing
-            ],
+            {"s": [m[0] for m in messages], "m": [o.event.id for o in outgoing],
+             "h": [json.dumps(m[2]) for m in messages], "p": [m[1] for m in messages]},
         )
+        return Added(list(rows.scalars()), messages)
+
+    async def publish(self, added: Sequence[Added]) -> list[int]:
+        """Publishes facts just committed, from memory; returns the rows to delete.
+
+        The caller deletes them in its next transaction (`delete`), which saves a commit per
+        batch. After a failed publish, everything waiting in the table goes out first, in order.
+        """
+        if self._backlog:
+            await self.flush()
+            return []
+        try:
+            await self._publisher.publish([m for a in added for m in a.messages])
+        except BaseException:
+            self._backlog = True
+            raise
+        return [i for a in added for i in a.ids]
+
+    async def delete(self, conn: AsyncConnection, ids: Sequence[int]) -> None:
+        if ids:
+            await conn.execute(text(f"DELETE FROM {self._schema}.outbox WHERE id = ANY(:ids)"), {"ids": list(ids)})
 
     async def flush(self, batch: int = 500) -> int:
+        """Publishes every row waiting in the table, oldest first, and deletes it."""
         published = 0
         async with self._lock:
             while True:
@@ -125,11 +153,13 @@ class Outbox:
                         )
                     ).all()
                 if not rows:
+                    self._backlog = False
                     return published
-                await self._publisher.publish([(r.subject, bytes(r.payload), dict(r.headers)) for r in rows])
+                try:
+                    await self._publisher.publish([(r.subject, bytes(r.payload), dict(r.headers)) for r in rows])
+                except BaseException:
+                    self._backlog = True
+                    raise
                 async with self._engine.begin() as conn:
-                    await conn.execute(
-                        text(f"DELETE FROM {self._schema}.outbox WHERE id = ANY(:ids)"),
-                        {"ids": [r.id for r in rows]},
-                    )
+                    await self.delete(conn, [r.id for r in rows])
                 published += len(rows)
