@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
@@ -51,9 +52,23 @@ async def profile_of(suite, type_: str, value: str) -> event_pb2.ProfileSnapshot
     return await suite.profile.GetProfile(profile_pb2.GetProfileRequest(identifier=ident(type_, value)))
 
 
-def view(p: event_pb2.ProfileSnapshot) -> tuple[object, ...]:
-    """What a person would compare: aggregates and traits."""
-    return (p.order_count, round(p.revenue, 2), p.event_count, convert.struct_to_dict(p.traits))
+async def track(suite, event_id: str, minutes_ago: int, name: str, **properties: object) -> None:
+    anonymous = str(properties.pop("anonymous_id", ""))
+    user = str(properties.pop("user_id", ""))
+    await suite.ingest.Track(ingest_pb2.TrackRequest(
+        event_id=event_id, identifiers=event_pb2.Identifiers(user_id=user, anonymous_id=anonymous), event=name,
+        properties=convert.dict_to_struct(properties), timestamp=when(minutes_ago)))
+
+
+def view(p: event_pb2.ProfileSnapshot) -> dict[str, object]:
+    """What a person would compare: every aggregate, trait, consent, ticket and score with its reasons
+    (not the profile's id, its merge history or the moment it was read)."""
+    copy = event_pb2.ProfileSnapshot.FromString(p.SerializeToString())
+    for name in ("profile_id", "merged_profile_ids", "updated_at"):
+        copy.ClearField(name)
+    for score in (copy.lifecycle, copy.churn_risk, copy.next_best_offer):
+        score.value = round(score.value, 2)
+    return json_format.MessageToDict(copy)
 
 
 async def test_the_graph_shows_identifiers_and_why_profiles_merged(start_suite) -> None:
@@ -111,16 +126,30 @@ async def test_rules_come_from_a_file(start_suite, tmp_path: Path, monkeypatch: 
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # blocked by the file's pattern
 
 
-async def test_a_merge_undone_by_a_split_leaves_both_customers_as_before(start_suite) -> None:
+async def test_a_merge_undone_by_a_split_leaves_both_customers_as_before(start_suite, monkeypatch) -> None:
+    # Scores are relative to the base: keep the base-level models fixed while comparing.
+    monkeypatch.setenv("CDP_PROFILE_SCORES_INTERVAL_SECONDS", "3600")
     async with start_suite(CORE) as suite:
         await identify(suite, "m1", 90, {"first_name": "Lin", "tier": "gold"}, user_id="u-lin", email="lin@example.com")
         await order(suite, "m2", 80, 100.0, user_id="u-lin")
         await order(suite, "m3", 70, 50.0, user_id="u-lin")
+        await track(suite, "m3a", 69, "Consent Updated", user_id="u-lin", channel="email", purpose="marketing",
+                    granted=True)
+        await track(suite, "m3b", 68, "Loyalty Tier Changed", user_id="u-lin", tier="gold")
+        await track(suite, "m3c", 67, "Email Delivered", user_id="u-lin")
+        await track(suite, "m3d", 66, "Email Opened", user_id="u-lin")
+        await track(suite, "m3e", 65, "Order Refunded", user_id="u-lin", order_id="m3", total=10.0)
         await identify(suite, "m4", 60, {"first_name": "Kim", "tier": "bronze"}, anonymous_id="a-kim",
                        email="kim@example.com")
         await order(suite, "m5", 50, 30.0, anonymous_id="a-kim")
+        await track(suite, "m5a", 49, "Consent Updated", anonymous_id="a-kim", channel="email", purpose="marketing",
+                    granted=False)
+        await track(suite, "m5b", 48, "Ticket Opened", anonymous_id="a-kim", ticket_id="k-1")
+        await track(suite, "m5c", 47, "Loyalty Points Earned", anonymous_id="a-kim", points=40)
         await suite.settle()
         lin_before, kim_before = await profile_of(suite, "user_id", "u-lin"), await profile_of(suite, "email", "kim@example.com")
+        assert (lin_before.email.opens, lin_before.refund_count, kim_before.open_tickets) == (1, 1, 1)
+        assert lin_before.lifecycle.label and kim_before.rfm.cell and kim_before.consents
 
         # An operator merges them by mistake...
         merged = await suite.identity.Merge(identity_pb2.MergeRequest(
@@ -129,6 +158,7 @@ async def test_a_merge_undone_by_a_split_leaves_both_customers_as_before(start_s
         await suite.settle()
         blob = await profile_of(suite, "email", "kim@example.com")
         assert blob.profile_id == lin_before.profile_id and blob.order_count == 3
+        assert (blob.open_tickets, blob.loyalty.tier, blob.loyalty.points) == (1, "gold", 40)
 
         # ...and splits Kim's identifiers off again: her events go with them.
         kim_ids = [ident("email", "kim@example.com"), ident("anonymous_id", "a-kim"),

@@ -1,4 +1,5 @@
-"""cdp_profile.core: traits last-writer-wins by event time, order aggregates, merging."""
+"""cdp_profile.core: traits last-writer-wins by event time, order aggregates, merging (see also
+test_profile_state.py for the other aggregates and the order-independence properties)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_identifiers_accumulate_and_are_reported_only_when_new() -> None:
 def test_a_plain_event_changes_no_order_aggregate() -> None:
     state, changed = apply(ProfileState("p1"), T0, name="Page Viewed", properties={"revenue": 10})
     assert (state.order_count, state.revenue, state.last_order_at) == (0, 0.0, None)
-    assert changed == []
+    assert changed == ["event_count", "first_seen_at", "last_seen_at"]
     assert state.event_count == 1
 
 
@@ -170,9 +171,9 @@ def _profile(pid: str, **kw: Any) -> ProfileState:
 
 
 def test_merge_sums_counts_and_keeps_the_extremes() -> None:
-    survivor = _profile("p1", order_count=2, revenue=30.10, event_count=5, last_order_at=T0, first_seen_at=T0,
+    survivor = _profile("p1", order_count=2, revenue_cents=3010, event_count=5, last_order_at=T0, first_seen_at=T0,
                         identifiers=frozenset({("email", "a@b.c")}))
-    other = _profile("p2", order_count=1, revenue=9.95, event_count=3, last_order_at=T2,
+    other = _profile("p2", order_count=1, revenue_cents=995, event_count=3, last_order_at=T2,
                      first_seen_at=T0 - timedelta(days=3), identifiers=frozenset({("anonymous_id", "x")}))
     merged = merge(survivor, [other])
     assert merged.profile_id == "p1"

@@ -191,3 +191,31 @@ def test_a_profile_that_never_ordered_has_no_days_since_last_order() -> None:
 @pytest.mark.parametrize("value", ["5", "[1]", "null"])
 def test_contains_with_a_non_text_value_on_a_text_trait_is_false(value: str) -> None:
     assert matches(seg(("traits.name", "contains", value)), PROFILE, NOW) is False
+
+
+def test_rules_use_profile_scores_and_consents() -> None:
+    s = parse_segment("win-back", "", [
+        ("lifecycle_stage", "eq", '"lapsed"'),
+        ("churn_risk", "gte", "0.7"),
+        ("consents.email.marketing", "eq", "true"),
+        ("last_email_open_at", "lt", '"2024-06-01T00:00:00+00:00"'),
+    ])
+    lapsed = {"lifecycle_stage": "lapsed", "churn_risk": 0.82, "consents.email.marketing": True,
+              "last_email_open_at": "2024-05-01T10:00:00+02:00"}
+    assert matches(s, lapsed, NOW)
+    assert not matches(s, {**lapsed, "consents.email.marketing": False}, NOW)
+    assert not matches(s, {**lapsed, "last_email_open_at": "2024-06-01T01:00:00+00:00"}, NOW)
+    assert not matches(s, {**lapsed, "lifecycle_stage": "active"}, NOW)
+
+
+@pytest.mark.parametrize(("field", "op", "value", "named"), [
+    ("lifecycle", "eq", '"lapsed"', "conditions[0].field"),
+    ("consents.email", "eq", "true", "conditions[0].field"),
+    ("first_order_at", "gt", '"yesterday"', "conditions[0].value"),
+    ("first_order_at", "gt", "20240101", "conditions[0].value"),
+    ("churn_risk", "gt", '"high"', "conditions[0].value"),
+])
+def test_bad_conditions_on_new_fields_name_what_is_wrong(field: str, op: str, value: str, named: str) -> None:
+    with pytest.raises(InvalidSegment) as caught:
+        parse_segment("s", "", [(field, op, value)])
+    assert caught.value.field == named

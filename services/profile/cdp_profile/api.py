@@ -2,41 +2,138 @@
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any, NoReturn
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_common import identifiers
-from cdp_profile import store
+from cdp_common import convert, eventlog, identifiers
+from cdp_profile import search, store
 from cdp_profile.messages import snapshot
+
+DEFAULT_PAGE = 50
+MAX_TIMELINE_PAGE = 500
+MAX_SEARCH_PAGE = 1000
+
+
+class _Invalid(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _page_size(requested: int, largest: int) -> int:
+    if requested < 0 or requested > largest:
+        raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: must be 1 to {largest} (0 means {DEFAULT_PAGE})")
+    return requested or DEFAULT_PAGE
+
+
+def _token(payload: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def _untoken(token: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error):
+        raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token this service gave") from None
+
+
+async def _profile_id(conn: AsyncConnection, request: Any) -> str:
+    """The live profile a request names by profile_id or identifier (NOT_FOUND if none)."""
+    key = request.WhichOneof("key")
+    if key == "profile_id":
+        found = await store.current_id(conn, request.profile_id)
+        wanted = f"profile_id={request.profile_id}"
+    elif key == "identifier":
+        id_type, value = request.identifier.type, request.identifier.value
+        if not id_type or not value:
+            raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "identifier: type and value are required")
+        normal = identifiers.normalise(id_type, value)
+        if normal is None:
+            raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "identifier.value: blocked or malformed")
+        found = await store.by_identifier(conn, id_type, normal)
+        wanted = f"{id_type}={value}"
+    else:
+        raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "profile_id or identifier is required")
+    if found is None:
+        raise _Invalid(grpc.StatusCode.NOT_FOUND, f"no profile for {wanted}")
+    return found
+
+
+def _timeline_event(row: store.Recorded) -> profile_pb2.TimelineEvent:
+    message = profile_pb2.TimelineEvent(
+        event_id=row.event_id, type=row.type, name=row.name, source=row.source, consent=dict(row.consent)
+    )
+    convert.set_timestamp(message.occurred_at, row.occurred_at)
+    message.properties.CopyFrom(convert.dict_to_struct(dict(row.properties)))
+    message.traits.CopyFrom(convert.dict_to_struct(dict(row.traits)))
+    for id_type, value in row.identifiers:
+        message.identifiers.add(type=id_type, value=value)
+    return message
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[misc]
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
+    async def _abort(self, context: grpc.aio.ServicerContext, error: _Invalid) -> NoReturn:
+        await context.abort(error.code, str(error))
+        raise AssertionError("unreachable")
+
     async def GetProfile(self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext) -> Any:
-        key = request.WhichOneof("key")
-        async with self._engine.connect() as conn:
-            if key == "profile_id":
-                found = await store.current_id(conn, request.profile_id)
-                wanted = f"profile_id={request.profile_id}"
-            elif key == "identifier":
-                id_type, value = request.identifier.type, request.identifier.value
-                if not id_type or not value:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, "identifier.type and identifier.value are required"
-                    )
-                normal = identifiers.normalise(id_type, value)
-                if normal is None:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "identifier.value is blocked or malformed")
-                found = await store.by_identifier(conn, id_type, normal)
-                wanted = f"{id_type}={value}"
-            else:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "profile_id or identifier is required")
-            state = None if found is None else await store.load(conn, found, lock=False)
-        if state is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no profile for {wanted}")
+        try:
+            async with self._engine.connect() as conn:
+                profile_id = await _profile_id(conn, request)
+                state = await store.load(conn, profile_id, lock=False)
+            if state is None:
+                raise _Invalid(grpc.StatusCode.NOT_FOUND, f"no profile {profile_id}")
+        except _Invalid as error:
+            await self._abort(context, error)
         return snapshot(state)
+
+    async def GetTimeline(self, request: profile_pb2.GetTimelineRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            size = _page_size(request.page_size, MAX_TIMELINE_PAGE)
+            before = None
+            if request.page_token:
+                at, event_id = _untoken(request.page_token)
+                before = (datetime.fromisoformat(at), str(event_id))
+            async with self._engine.connect() as conn:
+                profile_id = await _profile_id(conn, request)
+                rows = await store.timeline_page(
+                    conn, profile_id, before=before, limit=size + 1, type_=request.type, name=request.name
+                )
+        except _Invalid as error:
+            await self._abort(context, error)
+        except (TypeError, ValueError):
+            await self._abort(context, _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token this service gave"))
+        page = rows[:size]
+        response = profile_pb2.GetTimelineResponse(profile_id=profile_id, events=[_timeline_event(r) for r in page])
+        if len(rows) > size:
+            response.next_page_token = _token([page[-1].occurred_at.isoformat(), page[-1].event_id])
+        return response
+
+    async def SearchProfiles(self, request: profile_pb2.SearchProfilesRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            size = _page_size(request.page_size, MAX_SEARCH_PAGE)
+            filters = search.parse([(f.field, f.op, f.value) for f in request.filters])
+            after = str(_untoken(request.page_token)) if request.page_token else ""
+            async with self._engine.connect() as conn:
+                ids = await store.search_ids(conn, filters, after=after, limit=size + 1, now=eventlog.now())
+                loaded = await store.load_many(conn, ids[:size], lock=False)
+        except search.InvalidFilter as error:
+            await self._abort(context, _Invalid(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
+        except _Invalid as error:
+            await self._abort(context, error)
+        response = profile_pb2.SearchProfilesResponse(
+            profiles=[snapshot(loaded.states[p]) for p in ids[:size] if p in loaded.states]
+        )
+        if len(ids) > size:
+            response.next_page_token = _token(ids[size - 1])
+        return response

@@ -1,32 +1,140 @@
-"""Profile's log consumer: resolved events and merges from identity become the read model."""
+"""Profile's log consumer: resolved events and merges from identity become the read model.
+
+A fetch batch is applied with a handful of queries: the events go to the timeline in one
+statement (its primary key drops redelivered ones), every touched profile is read once, the
+new events are folded in memory, each profile is rescored with the stored models, and the
+profiles are written back in one statement. Merges and splits in a batch are applied one by
+one, in log order. The per-event handler is the same path for one event.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, eventlog, identifiers
-from cdp_common.consumer import ConsumerSpec, Handler, PermanentError
-from cdp_profile import core, store
-from cdp_profile.messages import snapshot
+from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError
+from cdp_profile import core, scoring, store
+from cdp_profile.messages import changed_event
 
 SPEC = ConsumerSpec(durable="profile-project", area="identity")
+_OPERATIONS = ("profiles_merged", "profile_split")
+EMPTY: Mapping[str, core.ProfileState] = {}
 
 
+class ModelsCache:
+    """The stored base-level models, re-read when the scoring job has stored new ones."""
 
-def make_handler(topology: eventlog.Topology) -> Handler:
-    def changed(cause: event_pb2.Event, state: core.ProfileState, fields: Sequence[str]) -> eventlog.Outgoing:
-        event = eventlog.new_event(
-            "profile_changed", event_id=eventlog.derived_id(cause.id, f"changed:{state.profile_id}"),
-            source="profile", cause=cause,
-        )
-        event.profile_id = state.profile_id
-        event.profile_changed.profile.CopyFrom(snapshot(state))
-        event.profile_changed.changed_fields.extend(sorted(set(fields)))
-        return eventlog.Outgoing(topology.keyed("profile", state.profile_id, "changed"), event)
+    def __init__(self, check_every_seconds: float = 1.0) -> None:
+        self._models = scoring.Models()
+        self._version: datetime | None = None
+        self._checked = -float("inf")
+        self._every = check_every_seconds
+
+    def put(self, models: scoring.Models) -> None:
+        self._models, self._version, self._checked = models, models.computed_at, time.monotonic()
+
+    async def get(self, conn: AsyncConnection) -> scoring.Models:
+        if time.monotonic() - self._checked >= self._every:
+            version = await store.models_version(conn)
+            if version != self._version:
+                self._models, self._version = await store.models(conn), version
+            self._checked = time.monotonic()
+        return self._models
+
+
+def _recorded(event: event_pb2.Event) -> store.Recorded:
+    if not event.profile_id:
+        raise PermanentError(f"{event.type} event {event.id} reached profile without a profile_id")
+    ids = [(n, getattr(event.identifiers, n)) for n in identifiers.TYPES if getattr(event.identifiers, n)]
+    ids += sorted(event.identifiers.custom.items())
+    return store.Recorded(
+        event_id=event.id, profile_id=event.profile_id, type=event.type, name=event.name,
+        occurred_at=convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now(),
+        source=event.source, properties=convert.struct_to_dict(event.properties),
+        traits=convert.struct_to_dict(event.traits), consent=dict(event.consent), identifiers=ids,
+    )
+
+
+def observed(row: store.Recorded, with_identifiers: bool = True) -> core.Observed:
+    return core.Observed(
+        at=row.occurred_at, name=row.name, type=row.type, properties=row.properties, traits=row.traits,
+        consent=row.consent, identifiers=tuple(row.identifiers) if with_identifiers else (),
+    )
+
+
+async def _live(conn: AsyncConnection, profile_ids: Sequence[str]) -> tuple[store.Loaded, dict[str, str]]:
+    """The touched profiles (locked), and where each id lives now (a merged-away id: its survivor)."""
+    loaded = await store.load_many(conn, profile_ids)
+    where = {p: p for p in profile_ids}
+    pending = dict(loaded.merged_into)
+    for _ in range(100):
+        if not pending:
+            break
+        survivors = await store.load_many(conn, list(pending.values()))
+        loaded.states.update(survivors.states)
+        for merged, survivor in pending.items():
+            for p, at in where.items():
+                if at == merged:
+                    where[p] = survivor
+        pending = dict(survivors.merged_into)
+    return loaded, where
+
+
+def make_handlers(topology: eventlog.Topology, cache: ModelsCache | None = None) -> tuple[Handler, BatchHandler]:
+    """The per-event handler, and the batch handler the consumer tries first."""
+    models_cache = cache or ModelsCache()
+
+    async def rescored(
+        conn: AsyncConnection, states: Sequence[core.ProfileState], before: Mapping[str, core.ProfileState] = EMPTY
+    ) -> list[core.ProfileState]:
+        """Scored with the stored models; a profile whose score inputs did not change keeps its
+        scores (the scoring job keeps the time-dependent ones current)."""
+        models, now = await models_cache.get(conn), eventlog.now()
+        result = []
+        for state in states:
+            inputs, old = scoring.inputs_of(state), before.get(state.profile_id)
+            if old is None or old.scores is None or state.scores is None or scoring.inputs_of(old) != inputs:
+                state = replace(state, scores=scoring.score(inputs, models, now))
+            result.append(state)
+        return result
+
+    async def project(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
+        """Resolved events: timeline, fold, rescore, write; one profile_changed per touched profile."""
+        rows: dict[str, store.Recorded] = {}
+        causes: dict[str, event_pb2.Event] = {}
+        for event in events:
+            rows.setdefault(event.id, _recorded(event))
+            causes[event.id] = event
+        loaded, where = await _live(conn, sorted({r.profile_id for r in rows.values()}))
+        placed = [r if where[r.profile_id] == r.profile_id else replace(r, profile_id=where[r.profile_id])
+                  for r in rows.values()]
+        fresh = await store.record_events(conn, placed)
+        by_profile: dict[str, list[store.Recorded]] = {}
+        for row in placed:
+            if row.event_id in fresh:
+                by_profile.setdefault(row.profile_id, []).append(row)
+        if not by_profile:
+            return []
+        folded = [
+            core.fold(loaded.states.get(pid) or core.ProfileState(pid), (observed(r) for r in got))
+            for pid, got in by_profile.items()
+        ]
+        states = await rescored(conn, folded, loaded.states)
+        await store.save_many(conn, states, loaded.states, scores_of=[
+            s.profile_id for s, f in zip(states, folded, strict=True) if s.scores is not f.scores
+        ])
+        out = []
+        for state in states:
+            last = by_profile[state.profile_id][-1].event_id
+            fields = core.changed_fields(loaded.states.get(state.profile_id), state)
+            out.append(changed_event(topology, state, fields, cause_id=last, cause=causes[last]))
+        return out
 
     def retired(cause: event_pb2.Event, profile_id: str, survivor_id: str) -> eventlog.Outgoing:
         event = eventlog.new_event(
@@ -41,69 +149,77 @@ def make_handler(topology: eventlog.Topology) -> Handler:
 
     async def on_merged(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         detail = event.profiles_merged
-        survivor = await store.load(conn, detail.survivor_id) or core.ProfileState(detail.survivor_id)
-        others = [s for pid in detail.merged_ids if (s := await store.load(conn, pid)) is not None]
-        state = core.merge(survivor, others)
-        await store.save(conn, state, survivor)
-        await store.retire(conn, list(detail.merged_ids), detail.survivor_id)
-        fields = ["merged_ids", "identifiers", "order_count", "revenue", "traits"]
-        return [changed(event, state, fields), *(retired(event, pid, detail.survivor_id) for pid in detail.merged_ids)]
-
-    async def on_resolved(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        at = convert.to_datetime(event.occurred_at) or eventlog.now()
-        properties = convert.struct_to_dict(event.properties)
-        ids = [(n, getattr(event.identifiers, n)) for n in identifiers.TYPES if getattr(event.identifiers, n)]
-        ids += list(event.identifiers.custom.items())
-        traits = convert.struct_to_dict(event.traits)
-        if not await store.record_event(
-            conn, event_id=event.id, profile_id=event.profile_id, type_=event.type, name=event.name,
-            occurred_at=at, properties=properties, traits=traits, identifiers=ids,
-        ):
+        merged_ids = [p for p in dict.fromkeys(detail.merged_ids) if p != detail.survivor_id]
+        loaded = await store.load_many(conn, [detail.survivor_id, *merged_ids])
+        # A profile already merged away (a redelivered or replayed merge) is not counted again.
+        fresh = [p for p in merged_ids if p not in loaded.merged_into]
+        if not fresh or detail.survivor_id in loaded.merged_into:
             return []
-        previous = await store.load(conn, event.profile_id)
-        state, fields = core.apply_event(
-            previous or core.ProfileState(event.profile_id),
-            name=event.name,
-            properties=properties,
-            traits=traits,
-            identifiers=ids,
-            at=at,
-        )
-        await store.save(conn, state, previous)
-        return [changed(event, state, fields or ["event_count"])]
+        survivor = loaded.states.get(detail.survivor_id) or core.ProfileState(detail.survivor_id)
+        merged = core.merge(survivor, [loaded.states.get(p) or core.ProfileState(p) for p in fresh])
+        [state] = await rescored(conn, [merged])
+        await store.save_many(conn, [state], loaded.states)
+        await store.retire(conn, fresh, detail.survivor_id)
+        fields = core.changed_fields(survivor, state)
+        return [
+            changed_event(topology, state, fields, cause_id=event.id, cause=event),
+            *(retired(event, p, detail.survivor_id) for p in fresh),
+        ]
 
     async def recompute(conn: AsyncConnection, profile_id: str, merged_ids: Sequence[str]) -> core.ProfileState:
         """A profile folded again from its own timeline (after a split moved events away)."""
-        state = core.ProfileState(profile_id, merged_ids=tuple(merged_ids))
-        for row in await store.timeline(conn, profile_id):
-            state, _ = core.apply_event(
-                state, name=row.name, properties=row.properties, traits=row.traits, identifiers=(),
-                at=row.occurred_at,
-            )
+        # Identifiers come from the moved identifier rows: an event may have come through both sides.
+        state = core.fold(
+            core.ProfileState(profile_id, merged_ids=tuple(merged_ids)),
+            (observed(r, with_identifiers=False) for r in await store.timeline(conn, profile_id)),
+        )
         return replace(state, identifiers=await store.identifiers_of(conn, profile_id))
 
     async def on_split(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         detail = event.profile_split
-        source = await store.load(conn, detail.source_profile_id)
+        loaded = await store.load_many(conn, [detail.source_profile_id, detail.new_profile_id])
+        source = loaded.states.get(detail.source_profile_id)
         keys = [(i.type, i.value) for i in detail.identifiers]
         await store.move_split(conn, detail.source_profile_id, detail.new_profile_id, keys)
-        out = []
-        for profile_id, merged in (
-            (detail.source_profile_id, source.merged_ids if source else ()),
-            (detail.new_profile_id, ()),
-        ):
-            state = await recompute(conn, profile_id, merged)
-            await store.save(conn, state, state)
-            out.append(changed(event, state, ["identifiers", "order_count", "revenue", "traits", "event_count"]))
-        return out
+        states = await rescored(conn, [
+            await recompute(conn, detail.source_profile_id, source.merged_ids if source else ()),
+            await recompute(conn, detail.new_profile_id, ()),
+        ])
+        await store.save_many(conn, states, loaded.states)
+        return [
+            changed_event(topology, s, core.changed_fields(loaded.states.get(s.profile_id), s) or ["identifiers"],
+                          cause_id=event.id, cause=event)
+            for s in states
+        ]
 
-    async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+    async def operation(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         if event.type == "profiles_merged":
             return await on_merged(conn, event)
-        if event.type == "profile_split":
-            return await on_split(conn, event)
-        if not event.profile_id:
-            raise PermanentError(f"{event.type} event {event.id} reached profile without a profile_id")
-        return await on_resolved(conn, event)
+        return await on_split(conn, event)
 
-    return handle
+    async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        if event.type in _OPERATIONS:
+            return await operation(conn, event)
+        return await project(conn, [event])
+
+    async def handle_batch(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
+        out: list[eventlog.Outgoing] = []
+        run: list[event_pb2.Event] = []
+        for event in events:
+            if event.type in _OPERATIONS:
+                if run:
+                    out.extend(await project(conn, run))
+                    run = []
+                out.extend(await operation(conn, event))
+            else:
+                run.append(event)
+        if run:
+            out.extend(await project(conn, run))
+        return out
+
+    return handle, handle_batch
+
+
+def make_handler(topology: eventlog.Topology) -> Handler:
+    """The per-event handler (tests drive it directly)."""
+    return make_handlers(topology)[0]

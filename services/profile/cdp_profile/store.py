@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_profile.core import ProfileState
+from cdp_profile import search
+from cdp_profile.core import ProfileState, Scores, Stamped
+from cdp_profile.scoring import Inputs, Models
 
 MIGRATIONS = (
     (
@@ -46,6 +49,47 @@ MIGRATIONS = (
         "ALTER TABLE profile.events ADD COLUMN traits jsonb NOT NULL DEFAULT '{}'",
         "ALTER TABLE profile.events ADD COLUMN id_keys text[] NOT NULL DEFAULT '{}'",
     ),
+    (
+        # Aggregates as columns (searchable, and read in one pass by the scoring job); the
+        # last-writer-wins registers (consents, tickets, loyalty) and category counts as jsonb.
+        """ALTER TABLE profile.profiles
+            ADD COLUMN first_order_at timestamptz,
+            ADD COLUMN last_seen_at timestamptz,
+            ADD COLUMN categories jsonb NOT NULL DEFAULT '{}',
+            ADD COLUMN refund_count bigint NOT NULL DEFAULT 0,
+            ADD COLUMN refunded numeric(18, 2) NOT NULL DEFAULT 0,
+            ADD COLUMN email_sends bigint NOT NULL DEFAULT 0,
+            ADD COLUMN email_deliveries bigint NOT NULL DEFAULT 0,
+            ADD COLUMN email_opens bigint NOT NULL DEFAULT 0,
+            ADD COLUMN email_clicks bigint NOT NULL DEFAULT 0,
+            ADD COLUMN email_bounces bigint NOT NULL DEFAULT 0,
+            ADD COLUMN last_open_at timestamptz,
+            ADD COLUMN last_click_at timestamptz,
+            ADD COLUMN registers jsonb NOT NULL DEFAULT '{}',
+            ADD COLUMN loyalty_tier text,
+            ADD COLUMN loyalty_points bigint NOT NULL DEFAULT 0,
+            ADD COLUMN open_tickets integer NOT NULL DEFAULT 0,
+            ADD COLUMN scores jsonb NOT NULL DEFAULT '{}',
+            ADD COLUMN lifecycle_stage text,
+            ADD COLUMN frequency_falling boolean NOT NULL DEFAULT false,
+            ADD COLUMN rfm_recency smallint,
+            ADD COLUMN rfm_frequency smallint,
+            ADD COLUMN rfm_monetary smallint,
+            ADD COLUMN rfm_cell text,
+            ADD COLUMN churn_risk double precision,
+            ADD COLUMN churn_label text,
+            ADD COLUMN next_best_offer text""",
+        # The timeline keeps what a recompute needs (consent) and what a reader wants (source).
+        "ALTER TABLE profile.events ADD COLUMN source text NOT NULL DEFAULT ''",
+        "ALTER TABLE profile.events ADD COLUMN consent jsonb NOT NULL DEFAULT '{}'",
+        "DROP INDEX profile.events_profile_time",
+        "CREATE INDEX events_profile_time ON profile.events (profile_id, occurred_at DESC, event_id DESC)",
+        "CREATE INDEX profiles_live ON profile.profiles (profile_id) WHERE merged_into IS NULL",
+        """CREATE TABLE profile.models (
+            name text PRIMARY KEY,
+            params jsonb NOT NULL,
+            computed_at timestamptz NOT NULL)""",
+    ),
 )
 
 
@@ -54,87 +98,300 @@ def id_key(id_type: str, value: str) -> str:
     return f"{id_type}={value}"
 
 
-async def load(conn: AsyncConnection, profile_id: str, lock: bool = True) -> ProfileState | None:
-    row = (
-        await conn.execute(
-            text(
-                "SELECT profile_id, traits, trait_times, order_count, revenue, last_order_at, first_seen_at, "
-                "event_count, merged_ids FROM profile.profiles WHERE profile_id = :p"
-                + (" FOR UPDATE" if lock else "")
-            ),
-            {"p": profile_id},
-        )
-    ).first()
-    if row is None:
-        return None
-    ids = await conn.execute(
-        text("SELECT id_type, id_value FROM profile.identifiers WHERE profile_id = :p"), {"p": profile_id}
-    )
+# --- profiles ----------------------------------------------------------------------------------
+
+_SELECT = (
+    "SELECT profile_id, merged_into, traits, trait_times, order_count, "
+    "round(revenue * 100)::bigint AS revenue_cents, first_order_at, last_order_at, categories, refund_count, "
+    "round(refunded * 100)::bigint AS refunded_cents, email_sends, email_deliveries, email_opens, email_clicks, "
+    "email_bounces, last_open_at, last_click_at, event_count, first_seen_at, last_seen_at, merged_ids, "
+    "registers, scores FROM profile.profiles"
+)
+
+
+def _stamped(value: Any) -> Stamped | None:
+    return None if not value else (str(value[0]), value[1])
+
+
+def _state(row: Any, ids: frozenset[tuple[str, str]]) -> ProfileState:
+    registers = row.registers or {}
     return ProfileState(
         profile_id=row.profile_id,
         traits=row.traits,
         trait_times=row.trait_times,
-        identifiers=frozenset((r.id_type, r.id_value) for r in ids),
+        identifiers=ids,
+        consents={k: (str(v[0]), v[1]) for k, v in registers.get("consents", {}).items()},
+        tickets={k: (str(v[0]), v[1]) for k, v in registers.get("tickets", {}).items()},
+        loyalty_tier=_stamped(registers.get("loyalty_tier")),
+        loyalty_balance=_stamped(registers.get("loyalty_balance")),
+        loyalty_earned=int(registers.get("loyalty_earned", 0)),
         order_count=row.order_count,
-        revenue=float(row.revenue),
+        revenue_cents=row.revenue_cents,
+        first_order_at=row.first_order_at,
         last_order_at=row.last_order_at,
-        first_seen_at=row.first_seen_at,
+        categories=row.categories,
+        refund_count=row.refund_count,
+        refunded_cents=row.refunded_cents,
+        email_sends=row.email_sends,
+        email_deliveries=row.email_deliveries,
+        email_opens=row.email_opens,
+        email_clicks=row.email_clicks,
+        email_bounces=row.email_bounces,
+        last_open_at=row.last_open_at,
+        last_click_at=row.last_click_at,
         event_count=row.event_count,
+        first_seen_at=row.first_seen_at,
+        last_seen_at=row.last_seen_at,
         merged_ids=tuple(row.merged_ids),
+        scores=Scores.from_dict(row.scores or {}),
     )
 
 
-async def save(conn: AsyncConnection, state: ProfileState, previous: ProfileState | None) -> None:
+@dataclass(frozen=True)
+class Loaded:
+    """Profiles as stored, and where merged-away ones went."""
+
+    states: dict[str, ProfileState]
+    merged_into: dict[str, str]
+
+
+async def load_many(conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True) -> Loaded:
+    """One read of many profiles (locked in id order, so two writers never deadlock)."""
+    ids = sorted(set(profile_ids))
+    if not ids:
+        return Loaded({}, {})
+    rows = (
+        await conn.execute(
+            text(f"{_SELECT} WHERE profile_id = ANY(:p) ORDER BY profile_id" + (" FOR UPDATE" if lock else "")),
+            {"p": ids},
+        )
+    ).all()
+    held: dict[str, set[tuple[str, str]]] = {}
+    live = [r.profile_id for r in rows if r.merged_into is None]
+    if live:
+        for r in await conn.execute(
+            text("SELECT profile_id, id_type, id_value FROM profile.identifiers WHERE profile_id = ANY(:p)"),
+            {"p": live},
+        ):
+            held.setdefault(r.profile_id, set()).add((r.id_type, r.id_value))
+    return Loaded(
+        states={r.profile_id: _state(r, frozenset(held.get(r.profile_id, ()))) for r in rows if r.merged_into is None},
+        merged_into={r.profile_id: r.merged_into for r in rows if r.merged_into is not None},
+    )
+
+
+async def load(conn: AsyncConnection, profile_id: str, lock: bool = True) -> ProfileState | None:
+    """A live profile (None if unknown or merged away)."""
+    return (await load_many(conn, [profile_id], lock)).states.get(profile_id)
+
+
+def _registers(s: ProfileState) -> str:
+    return json.dumps({
+        "consents": s.consents, "tickets": s.tickets, "loyalty_tier": s.loyalty_tier,
+        "loyalty_balance": s.loyalty_balance, "loyalty_earned": s.loyalty_earned,
+    })
+
+
+def _scores(s: ProfileState) -> str:
+    return json.dumps(s.scores.to_dict() if s.scores else {})
+
+
+# What a profile row is written from: (column, array type, SQL of the unnested value, value).
+_Column = tuple[str, str, str, Callable[[ProfileState], Any]]
+_STATE_COLUMNS: tuple[_Column, ...] = (
+    ("traits", "text", "{}::jsonb", lambda s: json.dumps(dict(s.traits))),
+    ("trait_times", "text", "{}::jsonb", lambda s: json.dumps(dict(s.trait_times))),
+    ("order_count", "bigint", "{}", lambda s: s.order_count),
+    ("revenue", "bigint", "{}::numeric / 100", lambda s: s.revenue_cents),
+    ("first_order_at", "timestamptz", "{}", lambda s: s.first_order_at),
+    ("last_order_at", "timestamptz", "{}", lambda s: s.last_order_at),
+    ("categories", "text", "{}::jsonb", lambda s: json.dumps(dict(s.categories))),
+    ("refund_count", "bigint", "{}", lambda s: s.refund_count),
+    ("refunded", "bigint", "{}::numeric / 100", lambda s: s.refunded_cents),
+    ("email_sends", "bigint", "{}", lambda s: s.email_sends),
+    ("email_deliveries", "bigint", "{}", lambda s: s.email_deliveries),
+    ("email_opens", "bigint", "{}", lambda s: s.email_opens),
+    ("email_clicks", "bigint", "{}", lambda s: s.email_clicks),
+    ("email_bounces", "bigint", "{}", lambda s: s.email_bounces),
+    ("last_open_at", "timestamptz", "{}", lambda s: s.last_open_at),
+    ("last_click_at", "timestamptz", "{}", lambda s: s.last_click_at),
+    ("event_count", "bigint", "{}", lambda s: s.event_count),
+    ("first_seen_at", "timestamptz", "{}", lambda s: s.first_seen_at),
+    ("last_seen_at", "timestamptz", "{}", lambda s: s.last_seen_at),
+    ("merged_ids", "text", "COALESCE(string_to_array(NULLIF({}, ''), chr(31)), '{{}}')", lambda s: "\x1f".join(s.merged_ids)),
+    ("registers", "text", "{}::jsonb", _registers),
+    ("loyalty_tier", "text", "{}", lambda s: s.loyalty_tier[1] if s.loyalty_tier else None),
+    ("loyalty_points", "bigint", "{}", lambda s: s.loyalty_points),
+    ("open_tickets", "integer", "{}", lambda s: len(s.open_tickets)),
+)
+_SCORE_COLUMNS: tuple[_Column, ...] = (
+    ("scores", "text", "{}::jsonb", _scores),
+    ("lifecycle_stage", "text", "{}", lambda s: s.scores.lifecycle.label if s.scores else None),
+    ("frequency_falling", "boolean", "{}", lambda s: bool(s.scores and s.scores.frequency_falling)),
+    ("rfm_recency", "smallint", "{}", lambda s: s.scores.rfm.recency if s.scores and s.scores.rfm else None),
+    ("rfm_frequency", "smallint", "{}", lambda s: s.scores.rfm.frequency if s.scores and s.scores.rfm else None),
+    ("rfm_monetary", "smallint", "{}", lambda s: s.scores.rfm.monetary if s.scores and s.scores.rfm else None),
+    ("rfm_cell", "text", "{}", lambda s: s.scores.rfm.cell if s.scores and s.scores.rfm else None),
+    ("churn_risk", "double precision", "{}", lambda s: s.scores.churn.value if s.scores and s.scores.churn else None),
+    ("churn_label", "text", "{}", lambda s: s.scores.churn.label if s.scores and s.scores.churn else None),
+    ("next_best_offer", "text", "{}", lambda s: s.scores.offer.label if s.scores and s.scores.offer else None),
+)
+
+
+def _unnest(columns: Sequence[_Column], states: Sequence[ProfileState]) -> tuple[str, str, dict[str, Any]]:
+    """(column list, SELECT over unnest of one array per column, parameters)."""
+    names = ", ".join(c[0] for c in columns)
+    arrays = ", ".join(f"CAST(:c{i} AS {c[1]}[])" for i, c in enumerate(columns))
+    values = ", ".join(c[2].format(f"u.c{i}") for i, c in enumerate(columns))
+    aliases = ", ".join(f"c{i}" for i in range(len(columns)))
+    params = {f"c{i}": [c[3](s) for s in states] for i, c in enumerate(columns)}
+    return names, f"SELECT {values} FROM unnest({arrays}) AS u({aliases})", params
+
+
+async def save_many(
+    conn: AsyncConnection, states: Sequence[ProfileState], previous: Mapping[str, ProfileState],
+    scores_of: Sequence[str] | None = None,
+) -> None:
+    """Writes whole profiles and their new identifiers; the scores too, of all or of `scores_of`
+    (scores with their reasons are the bulk of a row: most events do not change them)."""
+    if not states:
+        return
+    scored = {s.profile_id for s in states} if scores_of is None else set(scores_of)
+    whole = len(scored) == len(states)
+    columns = (("profile_id", "text", "{}", lambda s: s.profile_id), *_STATE_COLUMNS,
+               *(_SCORE_COLUMNS if whole else ()))
+    names, select, params = _unnest(columns, states)
+    updates = ", ".join(f"{c[0]} = EXCLUDED.{c[0]}" for c in columns[1:])
     await conn.execute(
         text(
-            "INSERT INTO profile.profiles (profile_id, traits, trait_times, order_count, revenue, "
-            "last_order_at, first_seen_at, event_count, merged_ids, updated_at) VALUES (:p, CAST(:t AS jsonb), "
-            "CAST(:tt AS jsonb), :oc, :rev, :lo, :fs, :ec, :m, now()) ON CONFLICT (profile_id) DO UPDATE SET "
-            "traits = EXCLUDED.traits, trait_times = EXCLUDED.trait_times, order_count = EXCLUDED.order_count, "
-            "revenue = EXCLUDED.revenue, last_order_at = EXCLUDED.last_order_at, "
-            "first_seen_at = EXCLUDED.first_seen_at, event_count = EXCLUDED.event_count, "
-            "merged_ids = EXCLUDED.merged_ids, updated_at = now()"
+            f"INSERT INTO profile.profiles ({names}) {select} "
+            f"ON CONFLICT (profile_id) DO UPDATE SET {updates}, updated_at = now()"
         ),
-        {
-            "p": state.profile_id,
-            "t": json.dumps(dict(state.traits)),
-            "tt": json.dumps(dict(state.trait_times)),
-            "oc": state.order_count,
-            "rev": state.revenue,
-            "lo": state.last_order_at,
-            "fs": state.first_seen_at,
-            "ec": state.event_count,
-            "m": list(state.merged_ids),
-        },
+        params,
     )
-    added = state.identifiers - (previous.identifiers if previous else frozenset())
+    if not whole:
+        await save_scores(conn, [s for s in states if s.profile_id in scored])
+    # One row per identifier even if two profiles of the batch claim it (identity decides; the last wins).
+    added = list({
+        key: s.profile_id for s in states
+        for key in s.identifiers - (previous[s.profile_id].identifiers if s.profile_id in previous else frozenset())
+    }.items())
     if added:
         await conn.execute(
             text(
                 "INSERT INTO profile.identifiers (id_type, id_value, profile_id) "
-                "SELECT t, v, :p FROM unnest(CAST(:types AS text[]), CAST(:vals AS text[])) AS k(t, v) "
+                "SELECT * FROM unnest(CAST(:t AS text[]), CAST(:v AS text[]), CAST(:p AS text[])) "
                 "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id"
             ),
-            {"p": state.profile_id, "types": [k[0] for k in added], "vals": [k[1] for k in added]},
+            {"t": [k[0] for k, _ in added], "v": [k[1] for k, _ in added], "p": [p for _, p in added]},
         )
 
 
-async def record_event(
-    conn: AsyncConnection, *, event_id: str, profile_id: str, type_: str, name: str,
-    occurred_at: datetime, properties: dict[str, Any], traits: dict[str, Any] | None = None,
-    identifiers: Sequence[tuple[str, str]] = (),
-) -> bool:
-    """Adds the event to the timeline; False if it was already there."""
-    result = await conn.execute(
+async def save(conn: AsyncConnection, state: ProfileState, previous: ProfileState | None) -> None:
+    await save_many(conn, [state], {state.profile_id: previous} if previous else {})
+
+
+async def save_scores(conn: AsyncConnection, states: Sequence[ProfileState]) -> None:
+    """Writes only the scores: what the scoring job changes."""
+    if not states:
+        return
+    columns = (("profile_id", "text", "{}", lambda s: s.profile_id), *_SCORE_COLUMNS)
+    names, select, params = _unnest(columns, states)
+    updates = ", ".join(f"{c[0]} = n.{c[0]}" for c in columns[1:])
+    await conn.execute(
         text(
-            "INSERT INTO profile.events (event_id, profile_id, type, name, occurred_at, properties, traits, id_keys) "
-            "VALUES (:e, :p, :t, :n, :at, CAST(:props AS jsonb), CAST(:traits AS jsonb), :keys) "
-            "ON CONFLICT (event_id) DO NOTHING"
+            f"UPDATE profile.profiles p SET {updates}, updated_at = now() FROM ({select}) AS n({names}) "
+            "WHERE p.profile_id = n.profile_id"
         ),
-        {"e": event_id, "p": profile_id, "t": type_, "n": name, "at": occurred_at, "props": json.dumps(properties),
-         "traits": json.dumps(traits or {}), "keys": [id_key(t, v) for t, v in identifiers]},
+        params,
     )
-    return bool(result.rowcount)
+
+
+# --- the timeline ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An event as the timeline keeps it."""
+
+    event_id: str
+    profile_id: str
+    type: str
+    name: str
+    occurred_at: datetime
+    source: str
+    properties: Mapping[str, Any]
+    traits: Mapping[str, Any]
+    consent: Mapping[str, bool]
+    identifiers: Sequence[tuple[str, str]]
+
+
+async def record_events(conn: AsyncConnection, events: Sequence[Recorded]) -> set[str]:
+    """Adds events to the timeline; returns the ids that were not there yet."""
+    if not events:
+        return set()
+    rows = await conn.execute(
+        text(
+            "INSERT INTO profile.events (event_id, profile_id, type, name, occurred_at, source, properties, traits, "
+            "consent, id_keys) SELECT e, p, t, n, at, s, props::jsonb, tr::jsonb, c::jsonb, "
+            "COALESCE(string_to_array(NULLIF(k, ''), chr(31)), '{}') FROM unnest(CAST(:e AS text[]), CAST(:p AS text[]), "
+            "CAST(:t AS text[]), CAST(:n AS text[]), CAST(:at AS timestamptz[]), CAST(:s AS text[]), "
+            "CAST(:props AS text[]), CAST(:tr AS text[]), CAST(:c AS text[]), CAST(:k AS text[])) "
+            "AS u(e, p, t, n, at, s, props, tr, c, k) ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        ),
+        {
+            "e": [e.event_id for e in events], "p": [e.profile_id for e in events], "t": [e.type for e in events],
+            "n": [e.name for e in events], "at": [e.occurred_at for e in events],
+            "s": [e.source for e in events], "props": [json.dumps(dict(e.properties)) for e in events],
+            "tr": [json.dumps(dict(e.traits)) for e in events], "c": [json.dumps(dict(e.consent)) for e in events],
+            # Unit separator between keys: identifier values may hold any printable text.
+            "k": ["\x1f".join(id_key(t, v) for t, v in e.identifiers) for e in events],
+        },
+    )
+    return {r.event_id for r in rows}
+
+
+def _recorded(row: Any) -> Recorded:
+    return Recorded(
+        event_id=row.event_id, profile_id=row.profile_id, type=row.type, name=row.name,
+        occurred_at=row.occurred_at, source=row.source, properties=row.properties, traits=row.traits,
+        consent=row.consent, identifiers=[(t, v) for t, _, v in (k.partition("=") for k in row.id_keys)],
+    )
+
+
+_TIMELINE = (
+    "SELECT event_id, profile_id, type, name, occurred_at, source, properties, traits, consent, id_keys "
+    "FROM profile.events"
+)
+
+
+async def timeline(conn: AsyncConnection, profile_id: str) -> list[Recorded]:
+    """Every event of a profile: what a profile is recomputed from."""
+    rows = await conn.execute(text(f"{_TIMELINE} WHERE profile_id = :p ORDER BY occurred_at, event_id"),
+                              {"p": profile_id})
+    return [_recorded(r) for r in rows]
+
+
+async def timeline_page(
+    conn: AsyncConnection, profile_id: str, *, before: tuple[datetime, str] | None, limit: int,
+    type_: str = "", name: str = "",
+) -> list[Recorded]:
+    """Newest first, strictly older than `before` (time, event id) when given."""
+    where = ["profile_id = :p"]
+    params: dict[str, Any] = {"p": profile_id, "n": limit}
+    if before is not None:
+        where.append("(occurred_at, event_id) < (:at, :e)")
+        params.update(at=before[0], e=before[1])
+    if type_:
+        where.append("type = :type")
+        params["type"] = type_
+    if name:
+        where.append("name = :name")
+        params["name"] = name
+    rows = await conn.execute(
+        text(f"{_TIMELINE} WHERE {' AND '.join(where)} ORDER BY occurred_at DESC, event_id DESC LIMIT :n"), params
+    )
+    return [_recorded(r) for r in rows]
 
 
 async def move_split(conn: AsyncConnection, source: str, new: str, keys: Sequence[tuple[str, str]]) -> int:
@@ -154,18 +411,6 @@ async def move_split(conn: AsyncConnection, source: str, new: str, keys: Sequenc
     return int(result.rowcount)
 
 
-async def timeline(conn: AsyncConnection, profile_id: str) -> list[Any]:
-    """Every event of a profile, oldest first: what a profile is recomputed from."""
-    rows = await conn.execute(
-        text(
-            "SELECT name, occurred_at, properties, traits, id_keys FROM profile.events WHERE profile_id = :p "
-            "ORDER BY occurred_at, event_id"
-        ),
-        {"p": profile_id},
-    )
-    return list(rows)
-
-
 async def identifiers_of(conn: AsyncConnection, profile_id: str) -> frozenset[tuple[str, str]]:
     rows = await conn.execute(
         text("SELECT id_type, id_value FROM profile.identifiers WHERE profile_id = :p"), {"p": profile_id}
@@ -177,7 +422,10 @@ async def retire(conn: AsyncConnection, merged_ids: Sequence[str], survivor_id: 
     """Merged-away profiles point at the survivor; their history moves with them."""
     params = {"m": list(merged_ids), "s": survivor_id}
     await conn.execute(
-        text("UPDATE profile.profiles SET merged_into = :s, updated_at = now() WHERE profile_id = ANY(:m)"),
+        text(
+            "INSERT INTO profile.profiles (profile_id, merged_into) SELECT unnest(CAST(:m AS text[])), :s "
+            "ON CONFLICT (profile_id) DO UPDATE SET merged_into = EXCLUDED.merged_into, updated_at = now()"
+        ),
         params,
     )
     await conn.execute(text("UPDATE profile.events SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
@@ -208,3 +456,140 @@ async def by_identifier(conn: AsyncConnection, id_type: str, value: str) -> str 
         )
     ).first()
     return None if row is None else str(row.profile_id)
+
+
+# --- models and scores -------------------------------------------------------------------------
+
+
+async def models(conn: AsyncConnection) -> Models:
+    rows = (await conn.execute(text("SELECT name, params, computed_at FROM profile.models"))).all()
+    return Models.from_rows({r.name: r.params for r in rows}, max((r.computed_at for r in rows), default=None))
+
+
+async def models_version(conn: AsyncConnection) -> datetime | None:
+    row = (await conn.execute(text("SELECT max(computed_at) FROM profile.models"))).scalar()
+    return row if isinstance(row, datetime) else None
+
+
+async def save_models(conn: AsyncConnection, built: Models) -> None:
+    rows = built.to_rows()
+    await conn.execute(
+        text(
+            "INSERT INTO profile.models (name, params, computed_at) SELECT n, p::jsonb, :at "
+            "FROM unnest(CAST(:n AS text[]), CAST(:p AS text[])) AS u(n, p) "
+            "ON CONFLICT (name) DO UPDATE SET params = EXCLUDED.params, computed_at = EXCLUDED.computed_at"
+        ),
+        {"n": list(rows), "p": [json.dumps(v) for v in rows.values()], "at": built.computed_at},
+    )
+
+
+_INPUTS = (
+    "SELECT profile_id, order_count, (revenue - refunded)::float8 AS monetary, first_order_at, last_order_at, "
+    "first_seen_at, categories, lifecycle_stage, frequency_falling, rfm_recency, rfm_frequency, rfm_monetary, "
+    "rfm_cell, churn_label, next_best_offer FROM profile.profiles WHERE merged_into IS NULL"
+)
+
+
+def _inputs(row: Any) -> Inputs:
+    return Inputs(row.order_count, row.monetary, row.first_order_at, row.last_order_at, row.first_seen_at,
+                  row.categories)
+
+
+def _stored_key(row: Any) -> tuple[Any, ...] | None:
+    """The stored scores as Scores.key() gives them; None if never scored."""
+    if row.lifecycle_stage is None:
+        return None
+    rfm = None if row.rfm_cell is None else (row.rfm_recency, row.rfm_frequency, row.rfm_monetary, row.rfm_cell)
+    return (rfm, row.churn_label, row.next_best_offer, row.lifecycle_stage, row.frequency_falling)
+
+
+async def scoring_base(
+    conn: AsyncConnection, customers_only: bool = False, chunk: int = 2000
+) -> AsyncIterator[tuple[str, Inputs, tuple[Any, ...] | None]]:
+    """Every live profile's score inputs and stored scores, streamed (a server-side cursor)."""
+    query = _INPUTS + (" AND order_count > 0" if customers_only else "")
+    result = await conn.stream(text(query), execution_options={"yield_per": chunk})
+    async for row in result:
+        yield row.profile_id, _inputs(row), _stored_key(row)
+
+
+# --- search ------------------------------------------------------------------------------------
+
+_READS = "CASE WHEN email_deliveries > 0 THEN email_deliveries ELSE email_sends END"
+_FIELD_SQL = {
+    "order_count": "order_count", "revenue": "revenue",
+    "average_order_value": "CASE WHEN order_count > 0 THEN revenue / order_count END",
+    "first_order_at": "first_order_at", "last_order_at": "last_order_at",
+    "days_since_last_order": "EXTRACT(EPOCH FROM (CAST(:now AS timestamptz) - last_order_at)) / 86400",
+    "average_order_interval_days": (
+        "CASE WHEN order_count > 1 THEN EXTRACT(EPOCH FROM (last_order_at - first_order_at)) / 86400 "
+        "/ (order_count - 1) END"
+    ),
+    "purchase_frequency_falling": "frequency_falling",
+    "refund_count": "refund_count", "refunded_amount": "refunded",
+    "email_open_rate": f"CASE WHEN {_READS} > 0 THEN LEAST(1.0, email_opens::float8 / {_READS}) END",
+    "email_click_rate": f"CASE WHEN {_READS} > 0 THEN LEAST(1.0, email_clicks::float8 / {_READS}) END",
+    "last_email_open_at": "last_open_at", "last_email_click_at": "last_click_at",
+    "loyalty_tier": "loyalty_tier", "loyalty_points": "loyalty_points", "open_tickets": "open_tickets",
+    "lifecycle_stage": "lifecycle_stage", "rfm_recency": "rfm_recency", "rfm_frequency": "rfm_frequency",
+    "rfm_monetary": "rfm_monetary", "rfm_cell": "rfm_cell", "churn_risk": "churn_risk",
+    "churn_label": "churn_label", "next_best_offer": "next_best_offer",
+    "event_count": "event_count", "first_seen_at": "first_seen_at", "last_seen_at": "last_seen_at",
+}
+_FIELD_SQL["aov"] = _FIELD_SQL["average_order_value"]
+_COMPARE = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+_CAST = {search.NUMBER: "double precision", search.TEXT: "text", search.BOOL: "boolean",
+         search.TIME: "timestamptz"}
+
+
+def _condition(f: search.Filter, i: int, params: dict[str, Any]) -> str:
+    p = f"v{i}"
+    if f.kind == search.JSON:
+        params[f"path{i}"] = f.path
+        target = f"traits #> CAST(:path{i} AS text[])"
+    elif f.field.startswith("consents."):
+        params[f"path{i}"] = f.path[0]
+        target = f"(registers -> 'consents' -> CAST(:path{i} AS text) ->> 1)::boolean"
+    else:
+        target = f"({_FIELD_SQL[f.field]})"
+    if f.op == "exists":
+        return f"COALESCE(jsonb_typeof({target}), 'null') <> 'null'" if f.kind == search.JSON else f"{target} IS NOT NULL"
+    if f.kind == search.JSON:
+        params[p] = json.dumps(f.value)
+        value = f"CAST(:{p} AS jsonb)"
+        if f.op == "eq":
+            return f"{target} = {value}"
+        if f.op == "neq":
+            return f"{target} IS DISTINCT FROM {value}"
+        if f.op == "contains":
+            within = f"(jsonb_typeof({target}) = 'array' AND {target} @> jsonb_build_array({value}))"
+            if not isinstance(f.value, str):
+                return within
+            params[f"s{i}"] = f.value
+            return f"((jsonb_typeof({target}) = 'string' AND strpos({target} #>> '{{}}', :s{i}) > 0) OR {within})"
+        return f"(jsonb_typeof({target}) = jsonb_typeof({value}) AND {target} {_COMPARE[f.op]} {value})"
+    params[p] = f.value
+    value = f"CAST(:{p} AS {_CAST[f.kind]})"
+    if f.kind == search.NUMBER:
+        target = f"CAST({target} AS double precision)"
+    if f.op == "neq":
+        return f"{target} IS DISTINCT FROM {value}"
+    if f.op == "contains":
+        return f"strpos({target}, {value}) > 0"
+    return f"{target} {_COMPARE[f.op]} {value}"
+
+
+async def search_ids(
+    conn: AsyncConnection, filters: Sequence[search.Filter], *, after: str, limit: int, now: datetime
+) -> list[str]:
+    """Live profile ids matching every filter, in id order, after `after`."""
+    params: dict[str, Any] = {"after": after, "n": limit}
+    if any(f.field == "days_since_last_order" for f in filters):
+        params["now"] = now
+    where = ["merged_into IS NULL", "profile_id > :after"]
+    where += [_condition(f, i, params) for i, f in enumerate(filters)]
+    rows = await conn.execute(
+        text(f"SELECT profile_id FROM profile.profiles WHERE {' AND '.join(where)} ORDER BY profile_id LIMIT :n"),
+        params,
+    )
+    return [r.profile_id for r in rows]

@@ -6,13 +6,24 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-AGGREGATES = ("order_count", "revenue", "event_count", "last_order_at", "days_since_last_order")
+# The profile facts a rule can use (profile's SearchProfiles names, docs/profile.md), besides
+# traits.<name> and consents.<channel>.<purpose>.
+TIMES = ("last_order_at", "first_order_at", "last_email_open_at", "last_email_click_at", "first_seen_at",
+         "last_seen_at")
+AGGREGATES = (
+    "order_count", "revenue", "event_count", "days_since_last_order", "average_order_value", "aov",
+    "average_order_interval_days", "purchase_frequency_falling", "refund_count", "refunded_amount",
+    "email_open_rate", "email_click_rate", "loyalty_tier", "loyalty_points", "open_tickets", "lifecycle_stage",
+    "rfm_recency", "rfm_frequency", "rfm_monetary", "rfm_cell", "churn_risk", "churn_label", "next_best_offer",
+    *TIMES,
+)
 OPS = ("eq", "neq", "gt", "gte", "lt", "lte", "exists", "contains")
 _SEGMENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _TRAIT = re.compile(r"^traits\.[A-Za-z0-9_.-]{1,100}$")
+_CONSENT = re.compile(r"^consents\.[a-z_]{1,40}\.[a-z_]{1,40}$")
 
 
 class InvalidSegment(ValueError):
@@ -44,8 +55,11 @@ def parse_segment(segment_id: str, name: str, raw: Sequence[tuple[str, str, str]
     conditions = []
     for i, (field, op, value) in enumerate(raw):
         where = f"conditions[{i}]"
-        if field not in AGGREGATES and not _TRAIT.fullmatch(field):
-            raise InvalidSegment(f"{where}.field", f"unknown field {field!r}; use traits.<name> or one of {AGGREGATES}")
+        if field not in AGGREGATES and not _TRAIT.fullmatch(field) and not _CONSENT.fullmatch(field):
+            raise InvalidSegment(
+                f"{where}.field",
+                f"unknown field {field!r}; use traits.<name>, consents.<channel>.<purpose> or one of {AGGREGATES}",
+            )
         if op not in OPS:
             raise InvalidSegment(f"{where}.op", f"unknown operator {op!r}; use one of {OPS}")
         parsed: Any = None
@@ -54,11 +68,22 @@ def parse_segment(segment_id: str, name: str, raw: Sequence[tuple[str, str, str]
                 parsed = json.loads(value)
             except ValueError:
                 raise InvalidSegment(f"{where}.value", f"not a JSON literal: {value!r}") from None
-            if op in ("gt", "gte", "lt", "lte") and (not isinstance(parsed, int | float) or isinstance(parsed, bool)):
-                if not (field == "last_order_at" and isinstance(parsed, str)):
-                    raise InvalidSegment(f"{where}.value", f"{op} needs a number")
+            if field in TIMES and op != "contains" and parsed is not None:
+                if not isinstance(parsed, str) or _iso_time(parsed) is None:
+                    raise InvalidSegment(f"{where}.value", f"{op} on {field} needs an ISO 8601 date or time")
+            elif op in ("gt", "gte", "lt", "lte") and (not isinstance(parsed, int | float) or isinstance(parsed, bool)):
+                raise InvalidSegment(f"{where}.value", f"{op} needs a number")
         conditions.append(Condition(field, op, parsed))
     return Segment(segment_id, name or segment_id, tuple(conditions))
+
+
+def _iso_time(value: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    # A date or a time without a zone is UTC, as in profile's SearchProfiles.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def value_of(profile: Mapping[str, Any], field: str, now: datetime) -> Any:
@@ -70,6 +95,9 @@ def value_of(profile: Mapping[str, Any], field: str, now: datetime) -> Any:
     if field == "days_since_last_order":
         last = profile.get("last_order_at")
         return None if last is None else (now - datetime.fromisoformat(last)).total_seconds() / 86400
+    if field in TIMES:
+        # Times compare as instants, not as text.
+        return _iso_time(profile[field]) if isinstance(profile.get(field), str) else None
     return profile.get(field)
 
 
@@ -82,6 +110,8 @@ def _equal(actual: Any, expected: Any) -> bool:
 
 def _holds(condition: Condition, actual: Any) -> bool:
     op, expected = condition.op, condition.value
+    if condition.field in TIMES and isinstance(expected, str):
+        expected = _iso_time(expected)
     if op == "exists":
         return actual is not None
     if actual is None:

@@ -16,16 +16,54 @@ from cdp_segmentation import core, store
 SPEC = ConsumerSpec(durable="segmentation-evaluate", area="profile")
 
 
+def _iso(ts: Any) -> str | None:
+    moment = convert.to_datetime(ts)
+    return moment.isoformat() if moment else None
+
+
 def facts(snapshot: event_pb2.ProfileSnapshot) -> dict[str, Any]:
-    """What rules are evaluated on, as plain values."""
-    last = convert.to_datetime(snapshot.last_order_at)
-    return {
+    """What rules are evaluated on, as plain values (None where a profile has no such value).
+
+    The names are those of profile's SearchProfiles fields (docs/profile.md).
+    """
+    ordered = snapshot.order_count > 0
+    email, rfm = snapshot.email, snapshot.rfm
+    has_rfm, has_churn = snapshot.HasField("rfm"), snapshot.HasField("churn_risk")
+    aov = snapshot.average_order_value if ordered else None
+    result = {
         "traits": convert.struct_to_dict(snapshot.traits),
         "order_count": snapshot.order_count,
         "revenue": snapshot.revenue,
         "event_count": snapshot.event_count,
-        "last_order_at": last.isoformat() if last else None,
+        "last_order_at": _iso(snapshot.last_order_at),
+        "first_order_at": _iso(snapshot.first_order_at),
+        "average_order_value": aov,
+        "aov": aov,
+        "average_order_interval_days": snapshot.average_order_interval_days if snapshot.order_count > 1 else None,
+        "purchase_frequency_falling": snapshot.purchase_frequency_falling,
+        "refund_count": snapshot.refund_count,
+        "refunded_amount": snapshot.refunded_amount,
+        "email_open_rate": email.open_rate if email.HasField("open_rate") else None,
+        "email_click_rate": email.click_rate if email.HasField("click_rate") else None,
+        "last_email_open_at": _iso(email.last_open_at),
+        "last_email_click_at": _iso(email.last_click_at),
+        "loyalty_tier": snapshot.loyalty.tier or None,
+        "loyalty_points": snapshot.loyalty.points,
+        "open_tickets": snapshot.open_tickets,
+        "lifecycle_stage": snapshot.lifecycle.label or None,
+        "rfm_recency": rfm.recency if has_rfm else None,
+        "rfm_frequency": rfm.frequency if has_rfm else None,
+        "rfm_monetary": rfm.monetary if has_rfm else None,
+        "rfm_cell": rfm.cell if has_rfm else None,
+        "churn_risk": snapshot.churn_risk.value if has_churn else None,
+        "churn_label": snapshot.churn_risk.label if has_churn else None,
+        "next_best_offer": snapshot.next_best_offer.label if snapshot.HasField("next_best_offer") else None,
+        "first_seen_at": _iso(snapshot.first_seen_at),
+        "last_seen_at": _iso(snapshot.last_seen_at),
     }
+    for consent in snapshot.consents:
+        result[f"consents.{consent.channel}.{consent.purpose}"] = consent.granted
+    return result
 
 
 def membership_event(

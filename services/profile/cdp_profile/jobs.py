@@ -1,0 +1,104 @@
+"""The scoring job: keeps scores relative to the whole base as the base changes.
+
+Every interval (and once at start) it reads every customer in one pass and fits the base-level
+models (RFM boundaries, BG/NBD parameters, the co-purchase table), stores them in
+`profile.models`, then rescores every live profile and saves and publishes (through the outbox,
+in the same transaction) those whose RFM scores, churn label, offer, lifecycle stage or
+purchase-frequency flag changed. One replica at a time runs it (an advisory lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_common import db, eventlog
+from cdp_profile import core, scoring, store
+from cdp_profile.handlers import ModelsCache
+from cdp_profile.messages import changed_event
+
+log = structlog.get_logger("cdp.profile.scores")
+
+_LOCK = "cdp-profile-scores"
+# Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Rescored:
+    customers: int
+    rescored: int
+
+
+async def rescore(
+    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, now: datetime
+) -> Rescored | None:
+    """One round; None when another replica holds the job."""
+    async with engine.connect() as lock:
+        if not (await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": _LOCK})).scalar():
+            return None
+        try:
+            async with engine.begin() as conn:
+                base = [inputs async for _, inputs, _ in store.scoring_base(conn, customers_only=True)]
+            # Fitting is numpy/scipy work: off the event loop, so the consumer keeps going.
+            models = await asyncio.to_thread(scoring.build_models, base, now)
+            async with engine.begin() as conn:
+                await store.save_models(conn, models)
+            cache.put(models)
+            changed: list[str] = []
+            async with engine.begin() as conn:
+                async for profile_id, inputs, stored in store.scoring_base(conn):
+                    if scoring.score(inputs, models, now).key() != stored:
+                        changed.append(profile_id)
+            for start in range(0, len(changed), _CHUNK):
+                await _rescore_chunk(engine, outbox, topology, changed[start:start + _CHUNK], models, now)
+            return Rescored(customers=len(base), rescored=len(changed))
+        finally:
+            try:
+                await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": _LOCK})
+            except BaseException:
+                # A session lock would outlive this round on the pooled connection: drop the connection.
+                await lock.invalidate()
+                raise
+
+
+async def _rescore_chunk(
+    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, profile_ids: Sequence[str],
+    models: scoring.Models, now: datetime,
+) -> None:
+    # Read again under lock: the consumer may have changed a profile since the scan.
+    cause = f"scores:{now.isoformat()}"
+    async with engine.begin() as conn:
+        loaded = await store.load_many(conn, profile_ids)
+        states, out = [], []
+        for before in loaded.states.values():
+            state = replace(before, scores=scoring.score(scoring.inputs_of(before), models, now))
+            if before.scores is not None and state.scores is not None and before.scores.key() == state.scores.key():
+                continue
+            states.append(state)
+            out.append(changed_event(topology, state, core.changed_fields(before, state), cause_id=cause))
+        await store.save_scores(conn, states)
+        await outbox.add(conn, out)
+    await outbox.flush()
+
+
+async def run_scoring(
+    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, interval: float
+) -> None:
+    """Rescores now and then every `interval` seconds until cancelled; a failed round is retried."""
+    while True:
+        try:
+            result = await rescore(engine, outbox, topology, cache, eventlog.now())
+            if result is not None:
+                log.info("rescored", customers=result.customers, profiles=result.rescored)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the next round tries again
+            log.warning("scoring_failed", error=repr(error))
+        await asyncio.sleep(interval)
