@@ -1,5 +1,5 @@
 """`cdp up` runs the whole suite on this machine; `cdp demo` runs it with the seed story;
-`cdp import` backfills a file of events."""
+`cdp import` backfills a file of events; `cdp replay profile` rebuilds a read model from the log."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from cdp_cli import demo, importer, infra, suite
+from cdp_cli import demo, importer, infra, replay, suite
 
 
 def _default_data_dir() -> Path:
@@ -72,9 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser = commands.add_parser("demo", help="bring the suite up, run the seed story, report, stop")
     demo_parser.add_argument("--data-dir", type=Path, default=None, help="keep the demo's data here")
     importer.add_parser(commands)
+    replay.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "import":
         sys.exit(importer.command(args))
+    if args.command == "replay":
+        sys.exit(replay.command(args))
     try:
         if args.command == "up":
             sys.exit(up((args.data_dir or _default_data_dir()).resolve()))

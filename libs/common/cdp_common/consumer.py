@@ -67,7 +67,7 @@ class ConsumerSpec:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def _infrastructure_failure(error: BaseException) -> bool:
+def infrastructure_failure(error: BaseException) -> bool:
     """The database or the log itself failed: retrying the handler cannot help."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
@@ -164,9 +164,22 @@ class Consumer:
         log.info("consumer_repositioned", after_sequence=int(applied or 0),
                  unacknowledged=info.num_ack_pending if info else 0)
 
-    async def start(self) -> asyncio.Task[None]:
+    @property
+    def lock_key(self) -> str:
+        """The PostgreSQL advisory lock (`hashtext` of this) held by the process applying the log."""
+        return f"cdp-consumer:{self._schema}:{self.spec.durable}"
+
+    @property
+    def active(self) -> bool:
+        """This process holds the consumer's lock and applies its messages (not a standby)."""
+        return self._lock is not None
+
+    async def start(self, reposition: bool = False) -> asyncio.Task[None]:
+        """Starts (or, after `stop`, restarts) the loop; `reposition`: deliver from the checkpoint
+        whatever JetStream's position (after the read model was replaced)."""
         await self.provision()
-        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.spec.durable}")
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(reposition), name=f"consumer:{self.spec.durable}")
         return self._task
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -180,7 +193,7 @@ class Consumer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self) -> None:
+    async def _run(self, reposition: bool) -> None:
         bound = structlog.contextvars.bound_contextvars
         with bound(consumer=self.spec.durable):
             # One process at a time applies a durable consumer's messages: the checkpoint is one
@@ -188,7 +201,7 @@ class Consumer:
             # other's. Other replicas wait here as hot standbys; the lock goes with the session,
             # so a replica that dies hands over at once.
             async with self._engine.connect() as lock:
-                key = f"cdp-consumer:{self._schema}:{self.spec.durable}"
+                key = self.lock_key
                 while not self._stopping.is_set():
                     held = await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key})
                     if held.scalar():
@@ -204,13 +217,16 @@ class Consumer:
                 puller = Puller(self._js._nc, self.stream, self.spec.durable, self.spec.batch,  # noqa: SLF001
                                 self.spec.fetch_timeout_seconds)
                 try:
-                    await self._reposition()
+                    await self._reposition(force=reposition)
                     await self._loop(puller)
                 finally:
                     self._lock = None
                     await puller.forget()
                     with contextlib.suppress(Exception):
                         await self._forget_published()
+                    # The session goes back to the pool, and a session lock would go with it.
+                    with contextlib.suppress(Exception):
+                        await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
 
     async def _loop(self, puller: Puller) -> None:
         failures = 0
@@ -321,7 +337,7 @@ class Consumer:
                 outgoing = await self._batch_handler(conn, events)
                 added.append(await self._outbox.add(conn, outgoing))
         except Exception as error:  # noqa: BLE001 - decided below
-            if _infrastructure_failure(error):
+            if infrastructure_failure(error):
                 raise
             log.warning("batch_handler_failed", error=repr(error), messages=len(msgs))
             return False
@@ -347,7 +363,7 @@ class Consumer:
                     log.error("dead_lettered", attempts=attempt, error=str(caught))
                     return [self._dead_letter(msg, str(caught), attempts=attempt)]
                 except Exception as caught:  # noqa: BLE001 - decided below
-                    if _infrastructure_failure(caught):
+                    if infrastructure_failure(caught):
                         raise
                     error = caught
                     log.warning("handler_failed", attempt=attempt, error=repr(caught))

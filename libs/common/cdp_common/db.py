@@ -30,8 +30,14 @@ def async_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def create_engine(url: str, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(async_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True)
+def create_engine(url: str, pool_size: int = 5, search_path: str | None = None) -> AsyncEngine:
+    """`search_path`: the schema unqualified table names resolve to (a service's own)."""
+    if search_path is not None and not _SCHEMA.fullmatch(search_path):
+        raise ValueError(f"invalid schema name {search_path!r}")
+    connect_args = {"server_settings": {"search_path": search_path}} if search_path else {}
+    return create_async_engine(
+        async_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 # Every service schema gets these: the consumer checkpoints (applied stream sequence, written

@@ -189,7 +189,11 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
     if definition.schema is not None and not settings.database_url:
         raise SettingsError("environment variable CDP_DATABASE_URL is required but not set")
     nc = await _connect_nats(settings.nats_url, f"cdp-{definition.name}")
-    engine = db.create_engine(settings.database_url) if definition.schema is not None else None
+    engine = (
+        db.create_engine(settings.database_url, search_path=definition.schema)
+        if definition.schema is not None
+        else None
+    )
     server = grpc.aio.server(interceptors=[_CorrelationInterceptor()])
     health_servicer = health.aio.HealthServicer()
     runtime: Runtime | None = None

@@ -15,6 +15,7 @@ from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_common import convert, eventlog, identifiers
 from cdp_profile import search, store
 from cdp_profile.messages import snapshot
+from cdp_profile.rebuild import Rebuilder, RebuildRefused
 
 DEFAULT_PAGE = 50
 MAX_TIMELINE_PAGE = 500
@@ -79,8 +80,21 @@ def _timeline_event(row: store.Recorded) -> profile_pb2.TimelineEvent:
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, rebuilder: Rebuilder | None = None) -> None:
         self._engine = engine
+        self._rebuilder = rebuilder
+
+    async def Rebuild(self, request: profile_pb2.RebuildRequest, context: grpc.aio.ServicerContext) -> Any:
+        if self._rebuilder is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this profile service cannot rebuild its read model")
+        try:
+            async for step in self._rebuilder.run():  # type: ignore[union-attr]
+                yield profile_pb2.RebuildProgress(
+                    phase=step.phase, sequence=step.sequence, target=step.target, events=step.events,
+                    skipped=step.skipped, seconds=step.seconds,
+                )
+        except RebuildRefused as refused:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(refused))
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: _Invalid) -> NoReturn:
         await context.abort(error.code, str(error))

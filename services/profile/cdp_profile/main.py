@@ -12,6 +12,7 @@ from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_common.service import Runtime, ServiceDefinition
 from cdp_common.settings import SettingsError, optional
 from cdp_profile import handlers, jobs, store
+from cdp_profile.rebuild import Rebuilder
 from cdp_profile.api import ProfileServicer
 
 SCORES_INTERVAL = "CDP_PROFILE_SCORES_INTERVAL_SECONDS"
@@ -30,10 +31,11 @@ def scores_interval(raw: str) -> float:
 
 async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     interval = scores_interval(optional(SCORES_INTERVAL, "60"))
-    profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(runtime.engine), server)
     cache = handlers.ModelsCache()
     one_by_one, whole_batch = handlers.make_handlers(runtime.topology, cache)
-    runtime.consumer(handlers.SPEC, one_by_one, whole_batch)
+    live = runtime.consumer(handlers.SPEC, one_by_one, whole_batch)
+    servicer = ProfileServicer(runtime.engine, Rebuilder(runtime, live))
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
     runtime.background.append(asyncio.create_task(
         jobs.run_scoring(runtime.engine, runtime.outbox, runtime.topology, cache, interval), name="profile-scores"
     ))

@@ -1,4 +1,8 @@
-"""The profile read model in PostgreSQL (schema `profile`), a projection of the log."""
+"""The profile read model in PostgreSQL (schema `profile`), a projection of the log.
+
+Queries name tables without their schema: the connection's search_path picks it, so a rebuild
+(`rebuild.py`) fills a new schema with this same code while the service keeps reading the old one.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from cdp_profile.scoring import Inputs, Models
 
 MIGRATIONS = (
     (
-        """CREATE TABLE profile.profiles (
+        """CREATE TABLE {schema}.profiles (
             profile_id text PRIMARY KEY,
             traits jsonb NOT NULL DEFAULT '{}',
             trait_times jsonb NOT NULL DEFAULT '{}',
@@ -29,30 +33,30 @@ MIGRATIONS = (
             merged_ids text[] NOT NULL DEFAULT '{}',
             merged_into text,
             updated_at timestamptz NOT NULL DEFAULT now())""",
-        """CREATE TABLE profile.identifiers (
+        """CREATE TABLE {schema}.identifiers (
             id_type text NOT NULL,
             id_value text NOT NULL,
             profile_id text NOT NULL,
             PRIMARY KEY (id_type, id_value))""",
-        "CREATE INDEX identifiers_profile ON profile.identifiers (profile_id)",
-        """CREATE TABLE profile.events (
+        "CREATE INDEX identifiers_profile ON {schema}.identifiers (profile_id)",
+        """CREATE TABLE {schema}.events (
             event_id text PRIMARY KEY,
             profile_id text NOT NULL,
             type text NOT NULL,
             name text NOT NULL,
             occurred_at timestamptz NOT NULL,
             properties jsonb NOT NULL)""",
-        "CREATE INDEX events_profile_time ON profile.events (profile_id, occurred_at DESC)",
+        "CREATE INDEX events_profile_time ON {schema}.events (profile_id, occurred_at DESC)",
     ),
     (
         # What a split needs to move an event and recompute a profile from its timeline.
-        "ALTER TABLE profile.events ADD COLUMN traits jsonb NOT NULL DEFAULT '{}'",
-        "ALTER TABLE profile.events ADD COLUMN id_keys text[] NOT NULL DEFAULT '{}'",
+        "ALTER TABLE {schema}.events ADD COLUMN traits jsonb NOT NULL DEFAULT '{}'",
+        "ALTER TABLE {schema}.events ADD COLUMN id_keys text[] NOT NULL DEFAULT '{}'",
     ),
     (
         # Aggregates as columns (searchable, and read in one pass by the scoring job); the
         # last-writer-wins registers (consents, tickets, loyalty) and category counts as jsonb.
-        """ALTER TABLE profile.profiles
+        """ALTER TABLE {schema}.profiles
             ADD COLUMN first_order_at timestamptz,
             ADD COLUMN last_seen_at timestamptz,
             ADD COLUMN categories jsonb NOT NULL DEFAULT '{}',
@@ -80,12 +84,12 @@ MIGRATIONS = (
             ADD COLUMN churn_label text,
             ADD COLUMN next_best_offer text""",
         # The timeline keeps what a recompute needs (consent) and what a reader wants (source).
-        "ALTER TABLE profile.events ADD COLUMN source text NOT NULL DEFAULT ''",
-        "ALTER TABLE profile.events ADD COLUMN consent jsonb NOT NULL DEFAULT '{}'",
-        "DROP INDEX profile.events_profile_time",
-        "CREATE INDEX events_profile_time ON profile.events (profile_id, occurred_at DESC, event_id DESC)",
-        "CREATE INDEX profiles_live ON profile.profiles (profile_id) WHERE merged_into IS NULL",
-        """CREATE TABLE profile.models (
+        "ALTER TABLE {schema}.events ADD COLUMN source text NOT NULL DEFAULT ''",
+        "ALTER TABLE {schema}.events ADD COLUMN consent jsonb NOT NULL DEFAULT '{}'",
+        "DROP INDEX {schema}.events_profile_time",
+        "CREATE INDEX events_profile_time ON {schema}.events (profile_id, occurred_at DESC, event_id DESC)",
+        "CREATE INDEX profiles_live ON {schema}.profiles (profile_id) WHERE merged_into IS NULL",
+        """CREATE TABLE {schema}.models (
             name text PRIMARY KEY,
             params jsonb NOT NULL,
             computed_at timestamptz NOT NULL)""",
@@ -105,7 +109,7 @@ _SELECT = (
     "round(revenue * 100)::bigint AS revenue_cents, first_order_at, last_order_at, categories, refund_count, "
     "round(refunded * 100)::bigint AS refunded_cents, email_sends, email_deliveries, email_opens, email_clicks, "
     "email_bounces, last_open_at, last_click_at, event_count, first_seen_at, last_seen_at, merged_ids, "
-    "registers, scores FROM profile.profiles"
+    "registers, scores FROM profiles"
 )
 
 
@@ -170,7 +174,7 @@ async def load_many(conn: AsyncConnection, profile_ids: Sequence[str], lock: boo
     live = [r.profile_id for r in rows if r.merged_into is None]
     if live:
         for r in await conn.execute(
-            text("SELECT profile_id, id_type, id_value FROM profile.identifiers WHERE profile_id = ANY(:p)"),
+            text("SELECT profile_id, id_type, id_value FROM identifiers WHERE profile_id = ANY(:p)"),
             {"p": live},
         ):
             held.setdefault(r.profile_id, set()).add((r.id_type, r.id_value))
@@ -264,7 +268,7 @@ async def save_many(
     updates = ", ".join(f"{c[0]} = EXCLUDED.{c[0]}" for c in columns[1:])
     await conn.execute(
         text(
-            f"INSERT INTO profile.profiles ({names}) {select} "
+            f"INSERT INTO profiles ({names}) {select} "
             f"ON CONFLICT (profile_id) DO UPDATE SET {updates}, updated_at = now()"
         ),
         params,
@@ -279,7 +283,7 @@ async def save_many(
     if added:
         await conn.execute(
             text(
-                "INSERT INTO profile.identifiers (id_type, id_value, profile_id) "
+                "INSERT INTO identifiers (id_type, id_value, profile_id) "
                 "SELECT * FROM unnest(CAST(:t AS text[]), CAST(:v AS text[]), CAST(:p AS text[])) "
                 "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id"
             ),
@@ -300,7 +304,7 @@ async def save_scores(conn: AsyncConnection, states: Sequence[ProfileState]) -> 
     updates = ", ".join(f"{c[0]} = n.{c[0]}" for c in columns[1:])
     await conn.execute(
         text(
-            f"UPDATE profile.profiles p SET {updates}, updated_at = now() FROM ({select}) AS n({names}) "
+            f"UPDATE profiles p SET {updates}, updated_at = now() FROM ({select}) AS n({names}) "
             "WHERE p.profile_id = n.profile_id"
         ),
         params,
@@ -332,7 +336,7 @@ async def record_events(conn: AsyncConnection, events: Sequence[Recorded]) -> se
         return set()
     rows = await conn.execute(
         text(
-            "INSERT INTO profile.events (event_id, profile_id, type, name, occurred_at, source, properties, traits, "
+            "INSERT INTO events (event_id, profile_id, type, name, occurred_at, source, properties, traits, "
             "consent, id_keys) SELECT e, p, t, n, at, s, props::jsonb, tr::jsonb, c::jsonb, "
             "COALESCE(string_to_array(NULLIF(k, ''), chr(31)), '{}') FROM unnest(CAST(:e AS text[]), CAST(:p AS text[]), "
             "CAST(:t AS text[]), CAST(:n AS text[]), CAST(:at AS timestamptz[]), CAST(:s AS text[]), "
@@ -361,7 +365,7 @@ def _recorded(row: Any) -> Recorded:
 
 _TIMELINE = (
     "SELECT event_id, profile_id, type, name, occurred_at, source, properties, traits, consent, id_keys "
-    "FROM profile.events"
+    "FROM events"
 )
 
 
@@ -399,13 +403,13 @@ async def move_split(conn: AsyncConnection, source: str, new: str, keys: Sequenc
     params = {"s": source, "n": new, "keys": [id_key(t, v) for t, v in keys]}
     await conn.execute(
         text(
-            "UPDATE profile.identifiers SET profile_id = :n WHERE profile_id = :s "
+            "UPDATE identifiers SET profile_id = :n WHERE profile_id = :s "
             "AND (id_type || '=' || id_value) = ANY(:keys)"
         ),
         params,
     )
     result = await conn.execute(
-        text("UPDATE profile.events SET profile_id = :n WHERE profile_id = :s AND id_keys && CAST(:keys AS text[])"),
+        text("UPDATE events SET profile_id = :n WHERE profile_id = :s AND id_keys && CAST(:keys AS text[])"),
         params,
     )
     return int(result.rowcount)
@@ -413,7 +417,7 @@ async def move_split(conn: AsyncConnection, source: str, new: str, keys: Sequenc
 
 async def identifiers_of(conn: AsyncConnection, profile_id: str) -> frozenset[tuple[str, str]]:
     rows = await conn.execute(
-        text("SELECT id_type, id_value FROM profile.identifiers WHERE profile_id = :p"), {"p": profile_id}
+        text("SELECT id_type, id_value FROM identifiers WHERE profile_id = :p"), {"p": profile_id}
     )
     return frozenset((r.id_type, r.id_value) for r in rows)
 
@@ -423,13 +427,13 @@ async def retire(conn: AsyncConnection, merged_ids: Sequence[str], survivor_id: 
     params = {"m": list(merged_ids), "s": survivor_id}
     await conn.execute(
         text(
-            "INSERT INTO profile.profiles (profile_id, merged_into) SELECT unnest(CAST(:m AS text[])), :s "
+            "INSERT INTO profiles (profile_id, merged_into) SELECT unnest(CAST(:m AS text[])), :s "
             "ON CONFLICT (profile_id) DO UPDATE SET merged_into = EXCLUDED.merged_into, updated_at = now()"
         ),
         params,
     )
-    await conn.execute(text("UPDATE profile.events SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
-    await conn.execute(text("UPDATE profile.identifiers SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
+    await conn.execute(text("UPDATE events SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
+    await conn.execute(text("UPDATE identifiers SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
 
 
 async def current_id(conn: AsyncConnection, profile_id: str) -> str | None:
@@ -437,7 +441,7 @@ async def current_id(conn: AsyncConnection, profile_id: str) -> str | None:
     for _ in range(100):
         row = (
             await conn.execute(
-                text("SELECT merged_into FROM profile.profiles WHERE profile_id = :p"), {"p": profile_id}
+                text("SELECT merged_into FROM profiles WHERE profile_id = :p"), {"p": profile_id}
             )
         ).first()
         if row is None:
@@ -451,7 +455,7 @@ async def current_id(conn: AsyncConnection, profile_id: str) -> str | None:
 async def by_identifier(conn: AsyncConnection, id_type: str, value: str) -> str | None:
     row = (
         await conn.execute(
-            text("SELECT profile_id FROM profile.identifiers WHERE id_type = :t AND id_value = :v"),
+            text("SELECT profile_id FROM identifiers WHERE id_type = :t AND id_value = :v"),
             {"t": id_type, "v": value},
         )
     ).first()
@@ -462,12 +466,12 @@ async def by_identifier(conn: AsyncConnection, id_type: str, value: str) -> str 
 
 
 async def models(conn: AsyncConnection) -> Models:
-    rows = (await conn.execute(text("SELECT name, params, computed_at FROM profile.models"))).all()
+    rows = (await conn.execute(text("SELECT name, params, computed_at FROM models"))).all()
     return Models.from_rows({r.name: r.params for r in rows}, max((r.computed_at for r in rows), default=None))
 
 
 async def models_version(conn: AsyncConnection) -> datetime | None:
-    row = (await conn.execute(text("SELECT max(computed_at) FROM profile.models"))).scalar()
+    row = (await conn.execute(text("SELECT max(computed_at) FROM models"))).scalar()
     return row if isinstance(row, datetime) else None
 
 
@@ -475,7 +479,7 @@ async def save_models(conn: AsyncConnection, built: Models) -> None:
     rows = built.to_rows()
     await conn.execute(
         text(
-            "INSERT INTO profile.models (name, params, computed_at) SELECT n, p::jsonb, :at "
+            "INSERT INTO models (name, params, computed_at) SELECT n, p::jsonb, :at "
             "FROM unnest(CAST(:n AS text[]), CAST(:p AS text[])) AS u(n, p) "
             "ON CONFLICT (name) DO UPDATE SET params = EXCLUDED.params, computed_at = EXCLUDED.computed_at"
         ),
@@ -486,7 +490,7 @@ async def save_models(conn: AsyncConnection, built: Models) -> None:
 _INPUTS = (
     "SELECT profile_id, order_count, (revenue - refunded)::float8 AS monetary, first_order_at, last_order_at, "
     "first_seen_at, categories, lifecycle_stage, frequency_falling, rfm_recency, rfm_frequency, rfm_monetary, "
-    "rfm_cell, churn_label, next_best_offer FROM profile.profiles WHERE merged_into IS NULL"
+    "rfm_cell, churn_label, next_best_offer FROM profiles WHERE merged_into IS NULL"
 )
 
 
@@ -589,7 +593,7 @@ async def search_ids(
     where = ["merged_into IS NULL", "profile_id > :after"]
     where += [_condition(f, i, params) for i, f in enumerate(filters)]
     rows = await conn.execute(
-        text(f"SELECT profile_id FROM profile.profiles WHERE {' AND '.join(where)} ORDER BY profile_id LIMIT :n"),
+        text(f"SELECT profile_id FROM profiles WHERE {' AND '.join(where)} ORDER BY profile_id LIMIT :n"),
         params,
     )
     return [r.profile_id for r in rows]
