@@ -10,8 +10,17 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
+
+# JSON text for PostgreSQL jsonb and the log, several times faster than the json module. NaN and
+# infinity become null (jsonb refuses them); non-text keys become text.
+from_json = orjson.loads
+
+
+def to_json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def value_to_python(value: Value) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from cdp_common import eventlog
+from cdp_common import convert, eventlog
 
 Migration = Sequence[str]
 
@@ -36,7 +35,8 @@ def create_engine(url: str, pool_size: int = 5, search_path: str | None = None) 
         raise ValueError(f"invalid schema name {search_path!r}")
     connect_args = {"server_settings": {"search_path": search_path}} if search_path else {}
     return create_async_engine(
-        async_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True, connect_args=connect_args
+        async_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True, connect_args=connect_args,
+        json_serializer=convert.to_json, json_deserializer=convert.from_json,
     )
 
 
@@ -119,7 +119,7 @@ class Outbox:
                 "CAST(:p AS bytea[])) RETURNING id"
             ),
             {"s": [m[0] for m in messages], "m": [o.event.id for o in outgoing],
-             "h": [json.dumps(m[2]) for m in messages], "p": [m[1] for m in messages]},
+             "h": [convert.to_json(m[2]) for m in messages], "p": [m[1] for m in messages]},
         )
         return Added(list(rows.scalars()), messages)
 

@@ -6,13 +6,14 @@ Queries name tables without their schema: the connection's search_path picks it,
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
+
+from cdp_common import convert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_profile import search
@@ -189,67 +190,66 @@ async def load(conn: AsyncConnection, profile_id: str, lock: bool = True) -> Pro
     return (await load_many(conn, [profile_id], lock)).states.get(profile_id)
 
 
-def _registers(s: ProfileState) -> str:
-    return json.dumps({
+def _registers(s: ProfileState) -> dict[str, Any]:
+    return {
         "consents": s.consents, "tickets": s.tickets, "loyalty_tier": s.loyalty_tier,
         "loyalty_balance": s.loyalty_balance, "loyalty_earned": s.loyalty_earned,
-    })
+    }
 
 
-def _scores(s: ProfileState) -> str:
-    return json.dumps(s.scores.to_dict() if s.scores else {})
+def _scores(s: ProfileState) -> dict[str, Any]:
+    return s.scores.to_dict() if s.scores else {}
 
 
-# What a profile row is written from: (column, array type, SQL of the unnested value, value).
-_Column = tuple[str, str, str, Callable[[ProfileState], Any]]
+# What a profile row is written from: (column, its value as JSON). Rows go to PostgreSQL as one
+# JSON array read by json_populate_recordset: a parameter per column and row costs asyncpg more
+# (type checks of every array element) than PostgreSQL spends parsing the JSON.
+_Column = tuple[str, Callable[[ProfileState], Any]]
 _STATE_COLUMNS: tuple[_Column, ...] = (
-    ("traits", "text", "{}::jsonb", lambda s: json.dumps(dict(s.traits))),
-    ("trait_times", "text", "{}::jsonb", lambda s: json.dumps(dict(s.trait_times))),
-    ("order_count", "bigint", "{}", lambda s: s.order_count),
-    ("revenue", "bigint", "{}::numeric / 100", lambda s: s.revenue_cents),
-    ("first_order_at", "timestamptz", "{}", lambda s: s.first_order_at),
-    ("last_order_at", "timestamptz", "{}", lambda s: s.last_order_at),
-    ("categories", "text", "{}::jsonb", lambda s: json.dumps(dict(s.categories))),
-    ("refund_count", "bigint", "{}", lambda s: s.refund_count),
-    ("refunded", "bigint", "{}::numeric / 100", lambda s: s.refunded_cents),
-    ("email_sends", "bigint", "{}", lambda s: s.email_sends),
-    ("email_deliveries", "bigint", "{}", lambda s: s.email_deliveries),
-    ("email_opens", "bigint", "{}", lambda s: s.email_opens),
-    ("email_clicks", "bigint", "{}", lambda s: s.email_clicks),
-    ("email_bounces", "bigint", "{}", lambda s: s.email_bounces),
-    ("last_open_at", "timestamptz", "{}", lambda s: s.last_open_at),
-    ("last_click_at", "timestamptz", "{}", lambda s: s.last_click_at),
-    ("event_count", "bigint", "{}", lambda s: s.event_count),
-    ("first_seen_at", "timestamptz", "{}", lambda s: s.first_seen_at),
-    ("last_seen_at", "timestamptz", "{}", lambda s: s.last_seen_at),
-    ("merged_ids", "text", "COALESCE(string_to_array(NULLIF({}, ''), chr(31)), '{{}}')", lambda s: "\x1f".join(s.merged_ids)),
-    ("registers", "text", "{}::jsonb", _registers),
-    ("loyalty_tier", "text", "{}", lambda s: s.loyalty_tier[1] if s.loyalty_tier else None),
-    ("loyalty_points", "bigint", "{}", lambda s: s.loyalty_points),
-    ("open_tickets", "integer", "{}", lambda s: len(s.open_tickets)),
+    ("traits", lambda s: dict(s.traits)),
+    ("trait_times", lambda s: dict(s.trait_times)),
+    ("order_count", lambda s: s.order_count),
+    ("revenue", lambda s: s.revenue_cents / 100),
+    ("first_order_at", lambda s: s.first_order_at),
+    ("last_order_at", lambda s: s.last_order_at),
+    ("categories", lambda s: dict(s.categories)),
+    ("refund_count", lambda s: s.refund_count),
+    ("refunded", lambda s: s.refunded_cents / 100),
+    ("email_sends", lambda s: s.email_sends),
+    ("email_deliveries", lambda s: s.email_deliveries),
+    ("email_opens", lambda s: s.email_opens),
+    ("email_clicks", lambda s: s.email_clicks),
+    ("email_bounces", lambda s: s.email_bounces),
+    ("last_open_at", lambda s: s.last_open_at),
+    ("last_click_at", lambda s: s.last_click_at),
+    ("event_count", lambda s: s.event_count),
+    ("first_seen_at", lambda s: s.first_seen_at),
+    ("last_seen_at", lambda s: s.last_seen_at),
+    ("merged_ids", lambda s: list(s.merged_ids)),
+    ("registers", _registers),
+    ("loyalty_tier", lambda s: s.loyalty_tier[1] if s.loyalty_tier else None),
+    ("loyalty_points", lambda s: s.loyalty_points),
+    ("open_tickets", lambda s: len(s.open_tickets)),
 )
 _SCORE_COLUMNS: tuple[_Column, ...] = (
-    ("scores", "text", "{}::jsonb", _scores),
-    ("lifecycle_stage", "text", "{}", lambda s: s.scores.lifecycle.label if s.scores else None),
-    ("frequency_falling", "boolean", "{}", lambda s: bool(s.scores and s.scores.frequency_falling)),
-    ("rfm_recency", "smallint", "{}", lambda s: s.scores.rfm.recency if s.scores and s.scores.rfm else None),
-    ("rfm_frequency", "smallint", "{}", lambda s: s.scores.rfm.frequency if s.scores and s.scores.rfm else None),
-    ("rfm_monetary", "smallint", "{}", lambda s: s.scores.rfm.monetary if s.scores and s.scores.rfm else None),
-    ("rfm_cell", "text", "{}", lambda s: s.scores.rfm.cell if s.scores and s.scores.rfm else None),
-    ("churn_risk", "double precision", "{}", lambda s: s.scores.churn.value if s.scores and s.scores.churn else None),
-    ("churn_label", "text", "{}", lambda s: s.scores.churn.label if s.scores and s.scores.churn else None),
-    ("next_best_offer", "text", "{}", lambda s: s.scores.offer.label if s.scores and s.scores.offer else None),
+    ("scores", _scores),
+    ("lifecycle_stage", lambda s: s.scores.lifecycle.label if s.scores else None),
+    ("frequency_falling", lambda s: bool(s.scores and s.scores.frequency_falling)),
+    ("rfm_recency", lambda s: s.scores.rfm.recency if s.scores and s.scores.rfm else None),
+    ("rfm_frequency", lambda s: s.scores.rfm.frequency if s.scores and s.scores.rfm else None),
+    ("rfm_monetary", lambda s: s.scores.rfm.monetary if s.scores and s.scores.rfm else None),
+    ("rfm_cell", lambda s: s.scores.rfm.cell if s.scores and s.scores.rfm else None),
+    ("churn_risk", lambda s: s.scores.churn.value if s.scores and s.scores.churn else None),
+    ("churn_label", lambda s: s.scores.churn.label if s.scores and s.scores.churn else None),
+    ("next_best_offer", lambda s: s.scores.offer.label if s.scores and s.scores.offer else None),
 )
 
 
-def _unnest(columns: Sequence[_Column], states: Sequence[ProfileState]) -> tuple[str, str, dict[str, Any]]:
-    """(column list, SELECT over unnest of one array per column, parameters)."""
+def _rows(columns: Sequence[_Column], states: Sequence[ProfileState]) -> tuple[str, str, dict[str, Any]]:
+    """(column list, SELECT of the rows as profiles records, parameters)."""
     names = ", ".join(c[0] for c in columns)
-    arrays = ", ".join(f"CAST(:c{i} AS {c[1]}[])" for i, c in enumerate(columns))
-    values = ", ".join(c[2].format(f"u.c{i}") for i, c in enumerate(columns))
-    aliases = ", ".join(f"c{i}" for i in range(len(columns)))
-    params = {f"c{i}": [c[3](s) for s in states] for i, c in enumerate(columns)}
-    return names, f"SELECT {values} FROM unnest({arrays}) AS u({aliases})", params
+    rows = convert.to_json([{name: value(s) for name, value in columns} for s in states])
+    return names, f"SELECT {names} FROM json_populate_recordset(NULL::profiles, CAST(:rows AS json))", {"rows": rows}
 
 
 async def save_many(
@@ -262,9 +262,8 @@ async def save_many(
         return
     scored = {s.profile_id for s in states} if scores_of is None else set(scores_of)
     whole = len(scored) == len(states)
-    columns = (("profile_id", "text", "{}", lambda s: s.profile_id), *_STATE_COLUMNS,
-               *(_SCORE_COLUMNS if whole else ()))
-    names, select, params = _unnest(columns, states)
+    columns = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS, *(_SCORE_COLUMNS if whole else ()))
+    names, select, params = _rows(columns, states)
     updates = ", ".join(f"{c[0]} = EXCLUDED.{c[0]}" for c in columns[1:])
     await conn.execute(
         text(
@@ -299,8 +298,8 @@ async def save_scores(conn: AsyncConnection, states: Sequence[ProfileState]) -> 
     """Writes only the scores: what the scoring job changes."""
     if not states:
         return
-    columns = (("profile_id", "text", "{}", lambda s: s.profile_id), *_SCORE_COLUMNS)
-    names, select, params = _unnest(columns, states)
+    columns = (("profile_id", lambda s: s.profile_id), *_SCORE_COLUMNS)
+    names, select, params = _rows(columns, states)
     updates = ", ".join(f"{c[0]} = n.{c[0]}" for c in columns[1:])
     await conn.execute(
         text(
@@ -337,20 +336,17 @@ async def record_events(conn: AsyncConnection, events: Sequence[Recorded]) -> se
     rows = await conn.execute(
         text(
             "INSERT INTO events (event_id, profile_id, type, name, occurred_at, source, properties, traits, "
-            "consent, id_keys) SELECT e, p, t, n, at, s, props::jsonb, tr::jsonb, c::jsonb, "
-            "COALESCE(string_to_array(NULLIF(k, ''), chr(31)), '{}') FROM unnest(CAST(:e AS text[]), CAST(:p AS text[]), "
-            "CAST(:t AS text[]), CAST(:n AS text[]), CAST(:at AS timestamptz[]), CAST(:s AS text[]), "
-            "CAST(:props AS text[]), CAST(:tr AS text[]), CAST(:c AS text[]), CAST(:k AS text[])) "
-            "AS u(e, p, t, n, at, s, props, tr, c, k) ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+            "consent, id_keys) SELECT event_id, profile_id, type, name, occurred_at, source, properties, traits, "
+            "consent, id_keys FROM json_populate_recordset(NULL::events, CAST(:rows AS json)) "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
         ),
-        {
-            "e": [e.event_id for e in events], "p": [e.profile_id for e in events], "t": [e.type for e in events],
-            "n": [e.name for e in events], "at": [e.occurred_at for e in events],
-            "s": [e.source for e in events], "props": [json.dumps(dict(e.properties)) for e in events],
-            "tr": [json.dumps(dict(e.traits)) for e in events], "c": [json.dumps(dict(e.consent)) for e in events],
-            # Unit separator between keys: identifier values may hold any printable text.
-            "k": ["\x1f".join(id_key(t, v) for t, v in e.identifiers) for e in events],
-        },
+        {"rows": convert.to_json([
+            {"event_id": e.event_id, "profile_id": e.profile_id, "type": e.type, "name": e.name,
+             "occurred_at": e.occurred_at, "source": e.source, "properties": dict(e.properties),
+             "traits": dict(e.traits), "consent": dict(e.consent),
+             "id_keys": [id_key(t, v) for t, v in e.identifiers]}
+            for e in events
+        ])},
     )
     return {r.event_id for r in rows}
 
@@ -483,7 +479,7 @@ async def save_models(conn: AsyncConnection, built: Models) -> None:
             "FROM unnest(CAST(:n AS text[]), CAST(:p AS text[])) AS u(n, p) "
             "ON CONFLICT (name) DO UPDATE SET params = EXCLUDED.params, computed_at = EXCLUDED.computed_at"
         ),
-        {"n": list(rows), "p": [json.dumps(v) for v in rows.values()], "at": built.computed_at},
+        {"n": list(rows), "p": [convert.to_json(v) for v in rows.values()], "at": built.computed_at},
     )
 
 
@@ -559,7 +555,7 @@ def _condition(f: search.Filter, i: int, params: dict[str, Any]) -> str:
     if f.op == "exists":
         return f"COALESCE(jsonb_typeof({target}), 'null') <> 'null'" if f.kind == search.JSON else f"{target} IS NOT NULL"
     if f.kind == search.JSON:
-        params[p] = json.dumps(f.value)
+        params[p] = convert.to_json(f.value)
         value = f"CAST(:{p} AS jsonb)"
         if f.op == "eq":
             return f"{target} = {value}"
