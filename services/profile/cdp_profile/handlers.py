@@ -86,8 +86,11 @@ async def _live(conn: AsyncConnection, profile_ids: Sequence[str]) -> tuple[stor
     return loaded, where
 
 
-def make_handlers(topology: eventlog.Topology, cache: ModelsCache | None = None) -> tuple[Handler, BatchHandler]:
-    """The per-event handler, and the batch handler the consumer tries first."""
+def make_handlers(
+    topology: eventlog.Topology, cache: ModelsCache | None = None, publish: bool = True
+) -> tuple[Handler, BatchHandler]:
+    """The per-event handler, and the batch handler the consumer tries first. `publish=False`
+    (a rebuild: the facts were published already) skips building profile_changed events."""
     models_cache = cache or ModelsCache()
 
     async def rescored(
@@ -129,6 +132,8 @@ def make_handlers(topology: eventlog.Topology, cache: ModelsCache | None = None)
         await store.save_many(conn, states, loaded.states, scores_of=[
             s.profile_id for s, f in zip(states, folded, strict=True) if s.scores is not f.scores
         ])
+        if not publish:
+            return []
         out = []
         for state in states:
             last = by_profile[state.profile_id][-1].event_id

@@ -146,7 +146,7 @@ class Rebuilder:
             filter_subjects=list(self._live.spec.filter_subjects) or None,
         ))
         puller = Puller(runtime.nc, stream, info.name, BATCH, 1.0)
-        one_by_one, whole_batch = handlers.make_handlers(runtime.topology, handlers.ModelsCache())
+        one_by_one, whole_batch = handlers.make_handlers(runtime.topology, handlers.ModelsCache(), publish=False)
         progress, held, stopped, reported = Progress("rebuilding"), list[Msg](), False, 0.0
         try:
             while True:
