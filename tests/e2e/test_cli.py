@@ -114,6 +114,15 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
         ) is None:
             assert time.monotonic() < deadline, "the profile never appeared"
             time.sleep(0.2)
+        # Rebuilding profile's read model while the suite runs: the service stays up and serves
+        # the rebuilt one (`cdp up` exits if any service does).
+        replay = subprocess.run([CDP, "replay", "profile", "--profile", addresses["profile"]], env=_env(),
+                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert replay.returncode == 0, replay.stderr
+        assert "now serving from it" in replay.stderr
+        time.sleep(2)
+        assert process.poll() is None, "a service exited after the rebuild"
+        assert _profile(addresses["profile"], "keep@example.com") is not None
     finally:
         out = _stop(process, signal.SIGINT)
     assert "stopped." in out

@@ -170,6 +170,16 @@ class Consumer:
         return f"cdp-consumer:{self._schema}:{self.spec.durable}"
 
     @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The running loop (None before `start`)."""
+        return self._task
+
+    @property
+    def stopped(self) -> bool:
+        """`stop` was called (and `start` not since)."""
+        return self._stopping.is_set()
+
+    @property
     def active(self) -> bool:
         """This process holds the consumer's lock and applies its messages (not a standby)."""
         return self._lock is not None

@@ -29,6 +29,12 @@ def async_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def plain_url(url: str) -> str:
+    """The postgresql:// form plain asyncpg takes (of a postgresql+asyncpg:// URL too)."""
+    parts = urlsplit(async_url(url))
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
 def create_engine(url: str, pool_size: int = 5, search_path: str | None = None) -> AsyncEngine:
     """`search_path`: the schema unqualified table names resolve to (a service's own)."""
     if search_path is not None and not _SCHEMA.fullmatch(search_path):

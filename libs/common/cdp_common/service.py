@@ -104,7 +104,9 @@ class ServiceDefinition:
 
 
 class _CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Binds a correlation id (from `x-correlation-id` metadata, or a new one) to each RPC's logs."""
+    """Binds a correlation id (from `x-correlation-id` metadata, or a new one) to each RPC's logs,
+    and parses requests itself: one the parser refuses (e.g. a Struct nested deeper than protobuf's
+    depth limit) is INVALID_ARGUMENT, where gRPC's own parsing would answer UNKNOWN."""
 
     def __init__(self) -> None:
         # One wrapped handler per method, built once: this runs on every call.
@@ -115,22 +117,51 @@ class _CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return handler
+        parse = _parser(handler.request_deserializer)
+        if handler.stream_stream is not None:
+            streamed = handler.stream_stream
+
+            async def wrapped_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async def parsed() -> Any:
+                    async for raw in requests:
+                        yield await parse(raw, context)
+
+                async for response in streamed(parsed(), context):
+                    yield response
+
+            self._wrapped[method] = grpc.stream_stream_rpc_method_handler(
+                wrapped_stream, response_serializer=handler.response_serializer
+            )
+            return self._wrapped[method]
+        if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            request = await parse(raw, context)
             metadata = context.invocation_metadata() or ()
             given = next((value for key, value in metadata if key == CORRELATION_METADATA), None)
             with structlog.contextvars.bound_contextvars(rpc=method, correlation_id=str(given or uuid.uuid4())):
                 return await inner(request, context)
 
         self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            wrapped, response_serializer=handler.response_serializer
         )
         return self._wrapped[method]
+
+
+def _parser(deserialize: Callable[[bytes], Any] | None) -> Callable[..., Awaitable[Any]]:
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, or anything its parser raises
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: cannot be parsed: {error}")
+
+    return parse
 
 
 def correlation_id() -> str:
@@ -151,13 +182,23 @@ class Running:
         return f"127.0.0.1:{self.port}"
 
     async def wait_failed(self) -> BaseException:
-        """Returns the error of the first consumer or background task that died."""
-        tasks = list(self.runtime.background)
-        if not tasks:
-            await asyncio.Event().wait()
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        task = done.pop()
-        return task.exception() or RuntimeError(f"{task.get_name()} stopped unexpectedly")
+        """Returns the error of the first consumer or background task that died.
+
+        A consumer stopped on purpose (profile stops its own while it swaps in a rebuilt read
+        model, then starts it again) has not died: the watched set is taken afresh every second.
+        """
+        while True:
+            consumers = [c for c in self.runtime.consumers if c.task is not None]
+            watched = [*self.runtime.background, *(c.task for c in consumers if not c.stopped)]
+            done: set[asyncio.Task[Any]] = set()
+            if watched:
+                done, _ = await asyncio.wait(watched, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(1.0)
+            for task in done:
+                if any(c.task is task and c.stopped for c in consumers):
+                    continue
+                return task.exception() or RuntimeError(f"{task.get_name()} stopped unexpectedly")
 
 
 async def _connect_nats(url: str, name: str) -> NATS:
@@ -217,7 +258,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
             raise RuntimeError(f"cannot listen on {settings.grpc_listen}")
         await server.start()
         for consumer in runtime.consumers:
-            runtime.background.append(await consumer.start())
+            await consumer.start()
         # What start-up allocated lives as long as the process: keep the collector from scanning
         # it again and again (shorter pauses on the request path).
         gc.collect()

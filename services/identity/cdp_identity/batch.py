@@ -35,6 +35,8 @@ class _Working:
     merges: list[tuple[str, str, str, str, datetime]] = field(default_factory=list)
     # Profiles whose user_id may have changed (a user_id linked or merged in).
     user_changed: dict[str, None] = field(default_factory=dict)
+    # Merge counts of profiles merged away in this batch, as they stood when they were.
+    retired_merge_counts: dict[str, int] = field(default_factory=dict)
 
     def apply(self, decision: core.Decision, kept: Sequence[core.Key], event_id: str, at: datetime) -> None:
         pid = decision.profile_id
@@ -46,6 +48,7 @@ class _Working:
         merges = survivor.merge_count
         for merged_id in decision.merged:
             other = self.profiles.pop(merged_id)
+            self.retired_merge_counts[merged_id] = other.merge_count
             for key, seen in other.identifiers.items():
                 self.owners[key] = pid
                 held[key] = max(seen, held.get(key, seen))
@@ -83,16 +86,21 @@ async def _write(conn: AsyncConnection, w: _Working) -> None:
         keys = list(w.changed)
         owner_of = [w.owners[k] for k in keys]
         last = [w.profiles[o].identifiers[k] for k, o in zip(keys, owner_of, strict=True)]
+        # One JSON parameter rather than an array per column: asyncpg type-checks every element.
+        rows = [
+            {"id_type": k[0], "id_value": k[1], "profile_id": o, "first_seen": w.first_seen.get(k, seen),
+             "last_seen": seen}
+            for k, o, seen in zip(keys, owner_of, last, strict=True)
+        ]
         await conn.execute(
             text(
                 "INSERT INTO identity.identifiers (id_type, id_value, profile_id, first_seen, last_seen) "
-                "SELECT * FROM unnest(CAST(:t AS text[]), CAST(:v AS text[]), CAST(:p AS text[]), "
-                "CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[])) "
+                "SELECT id_type, id_value, profile_id, first_seen, last_seen "
+                "FROM json_populate_recordset(NULL::identity.identifiers, CAST(:rows AS json)) "
                 "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id, "
                 "last_seen = GREATEST(identity.identifiers.last_seen, EXCLUDED.last_seen)"
             ),
-            {"t": [k[0] for k in keys], "v": [k[1] for k in keys], "p": owner_of,
-             "f": [w.first_seen.get(k, s) for k, s in zip(keys, last, strict=True)], "l": last},
+            {"rows": convert.to_json(rows)},
         )
     if w.merged_into:
         await conn.execute(
@@ -111,14 +119,17 @@ async def _write(conn: AsyncConnection, w: _Working) -> None:
             {"m": [r[0] for r in w.merges], "s": [r[1] for r in w.merges], "e": [r[2] for r in w.merges],
              "r": [r[3] for r in w.merges], "at": [r[4] for r in w.merges]},
         )
-    survivors = sorted({s for _, s, _, _, _ in w.merges if s in w.profiles})
+    # Every survivor's count, also of one that was itself merged away later in the batch (as it
+    # stood then), so a batch writes the same graph as its events one by one.
+    survivors = sorted({s for _, s, _, _, _ in w.merges})
     if survivors:
         await conn.execute(
             text(
                 "UPDATE identity.profiles p SET merge_count = c.n "
                 "FROM unnest(CAST(:ids AS text[]), CAST(:n AS int[])) AS c(id, n) WHERE p.profile_id = c.id"
             ),
-            {"ids": survivors, "n": [w.profiles[p].merge_count for p in survivors]},
+            {"ids": survivors, "n": [w.profiles[p].merge_count if p in w.profiles else w.retired_merge_counts[p]
+                                     for p in survivors]},
         )
     users = sorted(p for p in w.user_changed if p in w.profiles)
     if users:

@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_common import convert
 from cdp_identity.core import Key, Known
 
 MIGRATIONS = (
@@ -53,10 +54,10 @@ async def owners(conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, str]:
     rows = await conn.execute(
         text(
             "SELECT i.id_type, i.id_value, i.profile_id FROM identity.identifiers i "
-            "JOIN unnest(CAST(:types AS text[]), CAST(:vals AS text[])) AS k(t, v) "
+            "JOIN json_to_recordset(CAST(:keys AS json)) AS k(t text, v text) "
             "ON i.id_type = k.t AND i.id_value = k.v FOR UPDATE OF i"
         ),
-        {"types": [k[0] for k in keys], "vals": [k[1] for k in keys]},
+        {"keys": convert.to_json([{"t": t, "v": v} for t, v in keys])},
     )
     return {(r.id_type, r.id_value): r.profile_id for r in rows}
 

@@ -15,6 +15,7 @@ from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_common import convert, eventlog, identifiers
 from cdp_profile import search, store
 from cdp_profile.messages import snapshot
+from cdp_profile.reader import Reader
 from cdp_profile.rebuild import Rebuilder, RebuildRefused
 
 DEFAULT_PAGE = 50
@@ -45,6 +46,17 @@ def _untoken(token: str) -> Any:
         raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token this service gave") from None
 
 
+def _identifier(request: Any) -> tuple[str, str]:
+    """The request's identifier as the read model keys it (type, normalised value)."""
+    id_type, value = request.identifier.type, request.identifier.value
+    if not id_type or not value:
+        raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "identifier: type and value are required")
+    normal = identifiers.normalise(id_type, value)
+    if normal is None:
+        raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "identifier.value: blocked or malformed")
+    return id_type, normal
+
+
 async def _profile_id(conn: AsyncConnection, request: Any) -> str:
     """The live profile a request names by profile_id or identifier (NOT_FOUND if none)."""
     key = request.WhichOneof("key")
@@ -52,14 +64,9 @@ async def _profile_id(conn: AsyncConnection, request: Any) -> str:
         found = await store.current_id(conn, request.profile_id)
         wanted = f"profile_id={request.profile_id}"
     elif key == "identifier":
-        id_type, value = request.identifier.type, request.identifier.value
-        if not id_type or not value:
-            raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "identifier: type and value are required")
-        normal = identifiers.normalise(id_type, value)
-        if normal is None:
-            raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "identifier.value: blocked or malformed")
+        id_type, normal = _identifier(request)
         found = await store.by_identifier(conn, id_type, normal)
-        wanted = f"{id_type}={value}"
+        wanted = f"{id_type}={request.identifier.value}"
     else:
         raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "profile_id or identifier is required")
     if found is None:
@@ -80,8 +87,9 @@ def _timeline_event(row: store.Recorded) -> profile_pb2.TimelineEvent:
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: AsyncEngine, rebuilder: Rebuilder | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, reader: Reader, rebuilder: Rebuilder | None = None) -> None:
         self._engine = engine
+        self._reader = reader
         self._rebuilder = rebuilder
 
     async def Rebuild(self, request: profile_pb2.RebuildRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -102,11 +110,18 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async with self._engine.connect() as conn:
-                profile_id = await _profile_id(conn, request)
-                state = await store.load(conn, profile_id, lock=False)
+            key = request.WhichOneof("key")
+            if key == "profile_id":
+                state = await self._reader.by_id(request.profile_id)
+                wanted = f"profile_id={request.profile_id}"
+            elif key == "identifier":
+                id_type, value = _identifier(request)
+                state = await self._reader.by_identifier(id_type, value)
+                wanted = f"{request.identifier.type}={request.identifier.value}"
+            else:
+                raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "profile_id or identifier is required")
             if state is None:
-                raise _Invalid(grpc.StatusCode.NOT_FOUND, f"no profile {profile_id}")
+                raise _Invalid(grpc.StatusCode.NOT_FOUND, f"no profile for {wanted}")
         except _Invalid as error:
             await self._abort(context, error)
         return snapshot(state)

@@ -12,6 +12,7 @@ from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_common.service import Runtime, ServiceDefinition
 from cdp_common.settings import SettingsError, optional
 from cdp_profile import handlers, jobs, store
+from cdp_profile.reader import Reader
 from cdp_profile.rebuild import Rebuilder
 from cdp_profile.api import ProfileServicer
 
@@ -34,7 +35,10 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     cache = handlers.ModelsCache()
     one_by_one, whole_batch = handlers.make_handlers(runtime.topology, cache)
     live = runtime.consumer(handlers.SPEC, one_by_one, whole_batch)
-    servicer = ProfileServicer(runtime.engine, Rebuilder(runtime, live))
+    reader = Reader(runtime.settings.database_url, runtime.schema or "profile")
+    await reader.start()
+    runtime.on_stop.append(reader.close)
+    servicer = ProfileServicer(runtime.engine, reader, Rebuilder(runtime, live, swapped=reader.reset))
     profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
     runtime.background.append(asyncio.create_task(
         jobs.run_scoring(runtime.engine, runtime.outbox, runtime.topology, cache, interval), name="profile-scores"

@@ -9,7 +9,7 @@
 3. Once it has caught up, the live consumer stops, the rebuild reaches the live checkpoint
    exactly, and one transaction carries the checkpoints, unpublished outbox rows and models over
    and renames the schemas (`profile` -> `profile_old`, `profile_next` -> `profile`).
-4. The connection pool is replaced (its prepared statements point at the old tables), the live
+4. The connection pools are replaced (their prepared statements point at the old tables), the live
    consumer restarts from the checkpoint on the new schema, and the old schema is dropped.
 
 GetProfile and the other reads answer from the old read model until step 3, and from the new
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -60,9 +60,11 @@ class Progress:
 
 
 class Rebuilder:
-    def __init__(self, runtime: Runtime, live: Consumer) -> None:
+    def __init__(self, runtime: Runtime, live: Consumer, swapped: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`swapped` is called once the new read model is in place (other pools to renew)."""
         self._runtime = runtime
         self._live = live
+        self._swapped = swapped
         self._running = asyncio.Lock()
 
     async def run(self) -> AsyncIterator[Progress]:
@@ -94,6 +96,8 @@ class Rebuilder:
                 await self._swap(engine)
                 swapped = True
                 await engine.dispose()
+                if self._swapped is not None:
+                    await self._swapped()
                 log.info("rebuilt", events=progress.events, skipped=progress.skipped,
                          seconds=round(time.monotonic() - started, 1))
             finally:

@@ -105,50 +105,52 @@ def id_key(id_type: str, value: str) -> str:
 
 # --- profiles ----------------------------------------------------------------------------------
 
-_SELECT = (
-    "SELECT profile_id, merged_into, traits, trait_times, order_count, "
+COLUMNS = (
+    "profile_id, merged_into, traits, trait_times, order_count, "
     "round(revenue * 100)::bigint AS revenue_cents, first_order_at, last_order_at, categories, refund_count, "
     "round(refunded * 100)::bigint AS refunded_cents, email_sends, email_deliveries, email_opens, email_clicks, "
     "email_bounces, last_open_at, last_click_at, event_count, first_seen_at, last_seen_at, merged_ids, "
-    "registers, scores FROM profiles"
+    "registers, scores"
 )
+_SELECT = f"SELECT {COLUMNS} FROM profiles"
 
 
 def _stamped(value: Any) -> Stamped | None:
     return None if not value else (str(value[0]), value[1])
 
 
-def _state(row: Any, ids: frozenset[tuple[str, str]]) -> ProfileState:
-    registers = row.registers or {}
+def state_of(row: Mapping[str, Any], ids: frozenset[tuple[str, str]]) -> ProfileState:
+    """A stored row (by column name: a SQLAlchemy row's `_mapping` or an asyncpg record) as state."""
+    registers = row["registers"] or {}
     return ProfileState(
-        profile_id=row.profile_id,
-        traits=row.traits,
-        trait_times=row.trait_times,
+        profile_id=row["profile_id"],
+        traits=row["traits"],
+        trait_times=row["trait_times"],
         identifiers=ids,
         consents={k: (str(v[0]), v[1]) for k, v in registers.get("consents", {}).items()},
         tickets={k: (str(v[0]), v[1]) for k, v in registers.get("tickets", {}).items()},
         loyalty_tier=_stamped(registers.get("loyalty_tier")),
         loyalty_balance=_stamped(registers.get("loyalty_balance")),
         loyalty_earned=int(registers.get("loyalty_earned", 0)),
-        order_count=row.order_count,
-        revenue_cents=row.revenue_cents,
-        first_order_at=row.first_order_at,
-        last_order_at=row.last_order_at,
-        categories=row.categories,
-        refund_count=row.refund_count,
-        refunded_cents=row.refunded_cents,
-        email_sends=row.email_sends,
-        email_deliveries=row.email_deliveries,
-        email_opens=row.email_opens,
-        email_clicks=row.email_clicks,
-        email_bounces=row.email_bounces,
-        last_open_at=row.last_open_at,
-        last_click_at=row.last_click_at,
-        event_count=row.event_count,
-        first_seen_at=row.first_seen_at,
-        last_seen_at=row.last_seen_at,
-        merged_ids=tuple(row.merged_ids),
-        scores=Scores.from_dict(row.scores or {}),
+        order_count=row["order_count"],
+        revenue_cents=row["revenue_cents"],
+        first_order_at=row["first_order_at"],
+        last_order_at=row["last_order_at"],
+        categories=row["categories"],
+        refund_count=row["refund_count"],
+        refunded_cents=row["refunded_cents"],
+        email_sends=row["email_sends"],
+        email_deliveries=row["email_deliveries"],
+        email_opens=row["email_opens"],
+        email_clicks=row["email_clicks"],
+        email_bounces=row["email_bounces"],
+        last_open_at=row["last_open_at"],
+        last_click_at=row["last_click_at"],
+        event_count=row["event_count"],
+        first_seen_at=row["first_seen_at"],
+        last_seen_at=row["last_seen_at"],
+        merged_ids=tuple(row["merged_ids"]),
+        scores=Scores.from_dict(row["scores"] or {}),
     )
 
 
@@ -180,7 +182,9 @@ async def load_many(conn: AsyncConnection, profile_ids: Sequence[str], lock: boo
         ):
             held.setdefault(r.profile_id, set()).add((r.id_type, r.id_value))
     return Loaded(
-        states={r.profile_id: _state(r, frozenset(held.get(r.profile_id, ()))) for r in rows if r.merged_into is None},
+        states={
+            r.profile_id: state_of(r._mapping, frozenset(held.get(r.profile_id, ()))) for r in rows if r.merged_into is None
+        },
         merged_into={r.profile_id: r.merged_into for r in rows if r.merged_into is not None},
     )
 
