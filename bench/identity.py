@@ -1255,6 +1255,24 @@ async def bench(args: argparse.Namespace, servers: Servers, workload: Workload) 
     return raw, graph
 
 
+
+def tear_down(children: list[Any], nats_server: Any, postgres: Any, tmp: Path, keep: bool) -> None:
+    """Stops the processes a bench started, then the servers; removes the temp dir unless kept."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans behind
+    for process in reversed(list(children)):
+        with contextlib.suppress(Exception):
+            _stop_process(process)
+    for server in (nats_server, postgres):
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if keep:
+        print(f"kept {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=DEFAULT_EVENTS,
@@ -1324,22 +1342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans behind
-        for process in reversed(list(_children)):
-            with contextlib.suppress(Exception):
-                _stop_process(process)
-        if nats_server is not None:
-            with contextlib.suppress(Exception):
-                nats_server.stop()
-        if postgres is not None:
-            with contextlib.suppress(Exception):
-                postgres.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        tear_down(_children, nats_server, postgres, tmp, args.keep)
 
 
 if __name__ == "__main__":
