@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from cdp_cli import demo, importer, infra, replay, suite
+from cdp_cli import demo, dlq, importer, infra, replay, suite
 
 
 def _default_data_dir() -> Path:
@@ -73,11 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--data-dir", type=Path, default=None, help="keep the demo's data here")
     importer.add_parser(commands)
     replay.add_parser(commands)
+    dlq.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "import":
         sys.exit(importer.command(args))
     if args.command == "replay":
         sys.exit(replay.command(args))
+    if args.command == "dlq":
+        sys.exit(dlq.command(args))
     try:
         if args.command == "up":
             sys.exit(up((args.data_dir or _default_data_dir()).resolve()))

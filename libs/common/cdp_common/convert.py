@@ -6,6 +6,7 @@ Struct field by field is about twice as fast, and copying a Struct whole is a C-
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -15,12 +16,16 @@ from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 # JSON text for PostgreSQL jsonb and the log, several times faster than the json module. NaN and
-# infinity become null (jsonb refuses them); non-text keys become text.
+# infinity become null (jsonb refuses them); non-text keys become text; U+0000, which jsonb and
+# text refuse too (a gRPC client may put it in a Struct), becomes U+FFFD, the replacement character.
 from_json = orjson.loads
+# The escape of U+0000, not a literal backslash followed by "u0000" (an even number of backslashes).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 def to_json(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
 
 
 def value_to_python(value: Value) -> Any:

@@ -58,6 +58,8 @@ def normalise(
     id_type: str, value: str, blocked: Sequence[re.Pattern[str]] = (BLOCKED_VALUES,), phone_region: str = "US"
 ) -> str | None:
     """The matching form of an identifier, or None when it must not link anything."""
+    if "\x00" in value or "\x00" in id_type:  # PostgreSQL text cannot hold U+0000
+        return None
     junk = _any_of(tuple(blocked))
     value = value.strip()
     if junk.fullmatch(value):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateSyntaxError
+from jinja2 import ChainableUndefined, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 CHANNELS = ("email",)
@@ -40,6 +40,9 @@ def check_campaign(campaign: Campaign) -> Campaign:
         raise InvalidCampaign("id", "must be 1-63 lower-case letters, digits, '-' or '_'")
     if not campaign.segment_id:
         raise InvalidCampaign("segment_id", "is required")
+    for field in ("segment_id", "from_address", "subject_template", "body_template"):
+        if "\x00" in getattr(campaign, field):  # PostgreSQL text cannot hold it
+            raise InvalidCampaign(field, "contains a NUL character")
     channel = campaign.channel or "email"
     if channel not in CHANNELS:
         raise InvalidCampaign("channel", f"unsupported channel {channel!r}; supported: {CHANNELS}")
@@ -50,9 +53,22 @@ def check_campaign(campaign: Campaign) -> Campaign:
         if not source.strip():
             raise InvalidCampaign(field, "is required")
         try:
-            _ENV.parse(source)
+            parsed = _ENV.parse(source)
         except TemplateSyntaxError as error:
             raise InvalidCampaign(field, f"template error on line {error.lineno}: {error.message}") from None
+        except RecursionError:
+            raise InvalidCampaign(field, "template nested too deeply") from None
+        if any(True for _ in meta.find_referenced_templates(parsed)):
+            raise InvalidCampaign(field, "include, import and extends are not available")
+        # Rendered once for a profile without traits: endless recursion or a range over the
+        # sandbox's limit would fail every send, each dead-lettered. (What the sandbox blocks is
+        # refused at send time, and what depends on traits is decided then too.)
+        try:
+            _ENV.from_string(source).render({"traits": {}, "profile": {}})
+        except (RecursionError, OverflowError) as error:
+            raise InvalidCampaign(field, f"template fails for every profile: {error}") from None
+        except Exception:  # noqa: BLE001, S110 - decided at send time, as above
+            pass
     return Campaign(**{**campaign.__dict__, "channel": channel})
 
 

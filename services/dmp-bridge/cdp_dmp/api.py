@@ -27,6 +27,8 @@ class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[
     ) -> Any:
         if not request.segment_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "segment_id is required")
+        if "\x00" in request.segment_id:  # PostgreSQL text cannot hold it: no segment has it
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "segment_id: contains a NUL character")
         async with self._engine.connect() as conn:
             hashes = await store.audience_hashes(conn, request.segment_id)
         data = core.audience_csv(hashes)

@@ -14,6 +14,8 @@ CONVERSION_COLUMNS = ("conversion_id", "email_sha256", "event", "value", "curren
 MAX_CONVERSIONS = 100_000
 # Ad platforms keep conversions for weeks, not months (Meta's API takes 7 days); older rows are a mistake.
 MAX_CONVERSION_AGE = timedelta(days=90)
+# As ingest limits event names (the conversions become track events on the same log).
+MAX_EVENT_NAME = 200
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PLATFORM = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 _CONVERSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
@@ -56,14 +58,17 @@ def parse_conversions(data: bytes, now: datetime) -> list[Conversion]:
     except UnicodeDecodeError:
         raise InvalidFile("csv: not UTF-8 text") from None
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in CONVERSION_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise InvalidFile(f"csv: header lacks column(s) {', '.join(missing)}; expected {','.join(CONVERSION_COLUMNS)}")
     rows: list[Conversion] = []
-    for row in reader:
-        if len(rows) >= MAX_CONVERSIONS:
-            raise InvalidFile(f"csv: more than {MAX_CONVERSIONS} rows; split the file")
-        rows.append(_conversion(reader.line_num, row, now))
+    try:
+        missing = [c for c in CONVERSION_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InvalidFile(f"csv: header lacks column(s) {', '.join(missing)}; expected {','.join(CONVERSION_COLUMNS)}")
+        for row in reader:
+            if len(rows) >= MAX_CONVERSIONS:
+                raise InvalidFile(f"csv: more than {MAX_CONVERSIONS} rows; split the file")
+            rows.append(_conversion(reader.line_num, row, now))
+    except csv.Error as error:  # a NUL byte, a field over the csv module's limit (128 KiB), ...
+        raise InvalidFile(f"csv line {reader.line_num}: {error}") from None
     if not rows:
         raise InvalidFile("csv: no conversion rows")
     return rows
@@ -80,6 +85,8 @@ def _conversion(line: int, row: dict[str, str], now: datetime) -> Conversion:
     if not _HEX64.fullmatch(digest):
         raise bad("email_sha256", "must be a SHA-256 hex digest (64 hex characters)")
     event = (row.get("event") or "").strip() or "Order Completed"
+    if len(event) > MAX_EVENT_NAME:
+        raise bad("event", f"longer than {MAX_EVENT_NAME} characters")
     try:
         value = float((row.get("value") or "0").strip() or "0")
     except ValueError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -23,8 +24,16 @@ _CODES = {OK: grpc.StatusCode.OK, INVALID: grpc.StatusCode.INVALID_ARGUMENT}
 IMPORT_CHUNK = 500
 
 
+def _time(request: Any, name: str) -> datetime | None:
+    try:
+        return convert.to_datetime(getattr(request, name))
+    except (ValueError, OverflowError):  # outside Timestamp's range: years 1-9999, nanos below 1e9
+        raise core.InvalidField(name, "not a valid time") from None
+
+
 def to_incoming(kind: str, request: Any, open_source: bool = True) -> core.Incoming:
-    """Any of the six request messages as an Incoming (field names are shared, see the proto)."""
+    """Any of the six request messages as an Incoming (field names are shared, see the proto);
+    raises InvalidField for a timestamp no time can be made of."""
     ids = request.identifiers
     fields = request.DESCRIPTOR.fields_by_name
 
@@ -40,8 +49,8 @@ def to_incoming(kind: str, request: Any, open_source: bool = True) -> core.Incom
         name=getattr(request, "event", "") or getattr(request, "name", ""),
         properties=struct("properties"),
         traits=struct("traits"),
-        timestamp=convert.to_datetime(request.timestamp),
-        sent_at=convert.to_datetime(request.sent_at),
+        timestamp=_time(request, "timestamp"),
+        sent_at=_time(request, "sent_at"),
         context=struct("context"),
         consent=dict(request.consent) if request.consent else {},
         previous_id=getattr(request, "previous_id", ""),
@@ -76,7 +85,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
 
     async def _single(self, kind: str, request: Message, context: grpc.aio.ServicerContext) -> Any:
         source = await self._source(context)
-        item = to_incoming(kind, request, self._keys.open)
+        try:
+            item: core.Incoming | core.InvalidField = to_incoming(kind, request, self._keys.open)
+        except core.InvalidField as error:
+            item = error
         [result] = await self._ingestor.ingest([item], source=source, correlation_id=correlation_id())
         if result.outcome == INVALID:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
@@ -140,10 +152,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         incoming: list[core.Incoming | core.InvalidField] = []
         for item in items:
             kind = item.WhichOneof("kind")
-            incoming.append(
-                to_incoming(kind, getattr(item, kind), self._keys.open)
-                if kind
-                else core.InvalidField("kind", "empty batch item")
-            )
+            try:
+                incoming.append(
+                    to_incoming(kind, getattr(item, kind), self._keys.open)
+                    if kind
+                    else core.InvalidField("kind", "empty batch item")
+                )
+            except core.InvalidField as error:
+                incoming.append(error)
         results = await self._ingestor.ingest(incoming, source=source, correlation_id=correlation_id())
         return [replace(r, index=r.index + offset) for r in results] if offset else results

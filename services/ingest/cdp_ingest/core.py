@@ -29,6 +29,13 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_FUTURE = timedelta(hours=24)
 MAX_PAST = timedelta(days=365 * 5)
 _EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# The read models are PostgreSQL, whose text and jsonb cannot hold U+0000: such an event could
+# never be applied downstream, so it is refused here rather than dead-lettered there.
+NUL_REASON = "contains a NUL character (U+0000)"
+# Objects and arrays inside properties, traits or context. The envelope is protobuf, which is
+# parsed only to a depth of 100 messages (about 30 levels of JSON): a deeper event would be
+# stored and then be undecodable by every consumer. (A gRPC request cannot get that deep.)
+MAX_NESTING = 16
 
 
 class InvalidField(ValueError):
@@ -101,6 +108,8 @@ def check_identifiers(ids: Mapping[str, str], custom: Mapping[str, str]) -> None
             raise InvalidField(f"identifiers.{name}", f"longer than {MAX_ID_LENGTH} characters")
         if value != value.strip():
             raise InvalidField(f"identifiers.{name}", "has leading or trailing whitespace")
+        if "\x00" in value:
+            raise InvalidField(f"identifiers.{name}", NUL_REASON)
     for name in custom:
         if not valid_custom_type(name):
             raise InvalidField(
@@ -118,6 +127,8 @@ def check_name(name: str, field_name: str = "event", required: bool = True) -> s
         raise InvalidField(field_name, "is required")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidField(field_name, f"longer than {MAX_NAME_LENGTH} characters")
+    if "\x00" in name:
+        raise InvalidField(field_name, NUL_REASON)
     return name.strip()
 
 
@@ -231,6 +242,11 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
     if item.kind not in KINDS:
         raise InvalidField("type", f"must be one of {', '.join(KINDS)}")
     identifier = event_id(item.event_id, new_id)
+    if "\x00" in item.source:
+        raise InvalidField("source", NUL_REASON)
+    for channel in item.consent:
+        if "\x00" in channel:
+            raise InvalidField("consent", NUL_REASON)
     ids = {k: v for k, v in item.ids.items() if v}
     custom = {k: v for k, v in item.custom.items() if v}
     # Copied only when something is added, so a gRPC Struct travels to the envelope untouched.
@@ -266,8 +282,12 @@ def accept(item: Incoming, received_at: datetime, new_id: str | None = None) -> 
             ids["email"] = email
     elif item.kind == "group":
         check_fields("traits", item.traits)
+        group_traits = dict(item.traits)
+        # They go one level down, into properties: from gRPC they may reach protobuf's depth limit.
+        if _deeper_than(group_traits, MAX_NESTING):
+            raise InvalidField("traits", f"nested deeper than {MAX_NESTING} levels")
         properties = {**properties, "group_id": check_name(item.group_id, "group_id"),
-                      "group_traits": dict(item.traits)}
+                      "group_traits": group_traits}
     return Accepted(
         kind=item.kind,
         event_id=identifier,
@@ -345,6 +365,19 @@ def _object(payload: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
+def _deeper_than(value: Any, levels: int) -> bool:
+    """Whether parsed JSON nests objects and arrays more than `levels` deep below `value`."""
+    stack = [(value, levels)]
+    while stack:
+        container, left = stack.pop()
+        for item in container.values() if type(container) is dict else container:
+            if type(item) is dict or type(item) is list:
+                if left == 0:
+                    return True
+                stack.append((item, left - 1))
+    return False
+
+
 def from_segment(payload: Any, kind: str | None = None, batch_sent_at: datetime | None = None) -> Incoming:
     """One Segment-spec message (https://segment.com/docs/connections/spec/) as an Incoming."""
     if not isinstance(payload, Mapping):
@@ -367,6 +400,10 @@ def from_segment(payload: Any, kind: str | None = None, batch_sent_at: datetime 
             ids[key] = value
     custom = _object(payload, "externalIds")
     consent = {k: bool(v) for k, v in _object(payload, "consent").items()}
+    properties = _object(payload, "properties")
+    for name, value in (("properties", properties), ("traits", traits), ("context", context)):
+        if _deeper_than(value, MAX_NESTING):
+            raise InvalidField(name, f"nested deeper than {MAX_NESTING} levels")
     sent_at = _time(payload.get("sentAt"), "sent_at") or batch_sent_at
     return Incoming(
         kind=kind,
@@ -374,7 +411,7 @@ def from_segment(payload: Any, kind: str | None = None, batch_sent_at: datetime 
         ids=ids,
         custom={str(k): v for k, v in custom.items()},
         name=_text(payload, "event" if kind == "track" else "name", "event" if kind == "track" else "name"),
-        properties=_object(payload, "properties"),
+        properties=properties,
         traits=traits,
         timestamp=_time(payload.get("timestamp") or payload.get("originalTimestamp"), "timestamp"),
         sent_at=sent_at,

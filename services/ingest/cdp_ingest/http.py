@@ -57,10 +57,15 @@ class Collector:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"body larger than {core.MAX_BATCH_BYTES // (1024 * 1024)} MiB")
+        except web.RequestPayloadError:
+            # e.g. a body that is not the gzip or deflate data its Content-Encoding says it is
+            return _error(400, f"body cannot be decoded as its Content-Encoding ({request.headers.get('Content-Encoding')})")
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "body is not JSON (gzip needs Content-Encoding: gzip)")
+        except RecursionError:
+            return _error(400, "body is nested too deeply")
         if not isinstance(payload, dict):
             return _error(400, "body must be a JSON object")
         key = WriteKeys.from_basic(request.headers.get("Authorization")) or payload.get("writeKey")

@@ -21,6 +21,8 @@ AGGREGATES = (
     *TIMES,
 )
 OPS = ("eq", "neq", "gt", "gte", "lt", "lte", "exists", "contains")
+# A literal is compared with a profile's value; the JSON writer (orjson) stops at 255 levels.
+MAX_VALUE_NESTING = 32
 _SEGMENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _TRAIT = re.compile(r"^traits\.[A-Za-z0-9_.-]{1,100}$")
 _CONSENT = re.compile(r"^consents\.[a-z_]{1,40}\.[a-z_]{1,40}$")
@@ -52,6 +54,8 @@ def parse_segment(segment_id: str, name: str, raw: Sequence[tuple[str, str, str]
         raise InvalidSegment("id", "must be 1-63 lower-case letters, digits, '-' or '_'")
     if not raw:
         raise InvalidSegment("conditions", "at least one condition is required")
+    if "\x00" in name:  # PostgreSQL text cannot hold it
+        raise InvalidSegment("name", "contains a NUL character")
     conditions = []
     for i, (field, op, value) in enumerate(raw):
         where = f"conditions[{i}]"
@@ -65,9 +69,15 @@ def parse_segment(segment_id: str, name: str, raw: Sequence[tuple[str, str, str]
         parsed: Any = None
         if op != "exists":
             try:
-                parsed = json.loads(value)
+                parsed = json.loads(value, parse_constant=_no_constant, parse_float=_finite)
             except ValueError:
-                raise InvalidSegment(f"{where}.value", f"not a JSON literal: {value!r}") from None
+                raise InvalidSegment(f"{where}.value", f"not a JSON literal: {value[:100]!r}") from None
+            except RecursionError:
+                raise InvalidSegment(f"{where}.value", "nested too deeply") from None
+            if "\\u0000" in value:  # PostgreSQL jsonb cannot hold U+0000
+                raise InvalidSegment(f"{where}.value", "contains a NUL character")
+            if _deeper_than(parsed, MAX_VALUE_NESTING):
+                raise InvalidSegment(f"{where}.value", f"nested deeper than {MAX_VALUE_NESTING} levels")
             if field in TIMES and op != "contains" and parsed is not None:
                 if not isinstance(parsed, str) or _iso_time(parsed) is None:
                     raise InvalidSegment(f"{where}.value", f"{op} on {field} needs an ISO 8601 date or time")
@@ -75,6 +85,26 @@ def parse_segment(segment_id: str, name: str, raw: Sequence[tuple[str, str, str]
                 raise InvalidSegment(f"{where}.value", f"{op} needs a number")
         conditions.append(Condition(field, op, parsed))
     return Segment(segment_id, name or segment_id, tuple(conditions))
+
+
+def _deeper_than(value: Any, levels: int) -> bool:
+    if not isinstance(value, list | dict):
+        return False
+    if levels == 0:
+        return True
+    return any(_deeper_than(v, levels - 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    # 1e400 would be infinity, which a JSON column (and JSON itself) cannot hold.
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return number
 
 
 def _iso_time(value: str) -> datetime | None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_common import convert
 from cdp_segmentation.core import Condition, Segment
 
 MIGRATIONS = (
@@ -53,7 +53,7 @@ async def put_segment(conn: AsyncConnection, segment: Segment) -> None:
             "ON CONFLICT (segment_id) DO UPDATE SET name = EXCLUDED.name, conditions = EXCLUDED.conditions, "
             "updated_at = now()"
         ),
-        {"s": segment.segment_id, "n": segment.name, "c": json.dumps(conditions)},
+        {"s": segment.segment_id, "n": segment.name, "c": convert.to_json(conditions)},
     )
 
 
@@ -63,7 +63,8 @@ async def upsert_profile(conn: AsyncConnection, profile_id: str, facts: dict[str
             "INSERT INTO segmentation.profiles (profile_id, facts, snapshot) VALUES (:p, CAST(:f AS jsonb), :s) "
             "ON CONFLICT (profile_id) DO UPDATE SET facts = EXCLUDED.facts, snapshot = EXCLUDED.snapshot"
         ),
-        {"p": profile_id, "f": json.dumps(facts), "s": snapshot},
+        # NaN and infinity (legal in a profile's Struct traits) become null: jsonb refuses them.
+        {"p": profile_id, "f": convert.to_json(facts), "s": snapshot},
     )
 
 
