@@ -17,6 +17,14 @@ _CUSTOM_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def nul_in(**fields: str | Sequence[str]) -> str | None:
+    """The first named field holding U+0000 (PostgreSQL text refuses it), for an error to name."""
+    for name, value in fields.items():
+        if any("\x00" in v for v in ([value] if isinstance(value, str) else value)):
+            return name
+    return None
+
+
 def valid_custom_type(name: str) -> bool:
     return bool(_CUSTOM_TYPE.fullmatch(name)) and name not in TYPES
 

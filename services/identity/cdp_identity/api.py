@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog
+from cdp_common import convert, eventlog, identifiers
 from cdp_common.service import correlation_id
 from cdp_identity import core, handlers, store
 
@@ -67,7 +68,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no profile holds {key[0]}={request.identifier.value}")
         return identity_pb2.ResolveResponse(profile_id=profile_id)
 
+    async def _refuse_nul(self, context: grpc.aio.ServicerContext, **fields: str | Sequence[str]) -> None:
+        field = identifiers.nul_in(**fields)
+        if field is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: contains the character U+0000")
+
     async def GetGraph(self, request: identity_pb2.GetGraphRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._refuse_nul(context, profile_id=request.profile_id)
         which = request.WhichOneof("key")
         async with self._engine.connect() as conn:
             if which == "identifier":
@@ -88,6 +95,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
         return identity_pb2.GetStatsResponse(profiles=profiles, identifiers=ids, merges=merges)
 
     async def Merge(self, request: identity_pb2.MergeRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._refuse_nul(context, survivor_id=request.survivor_id, profile_ids=list(request.profile_ids))
         others = [p for p in dict.fromkeys(request.profile_ids) if p != request.survivor_id]
         if not request.survivor_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "survivor_id is required")
@@ -116,6 +124,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
         return _graph(row)
 
     async def Split(self, request: identity_pb2.SplitRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._refuse_nul(context, profile_id=request.profile_id)
         if not request.profile_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "profile_id is required")
         keys = [await self._key(i, context, f"identifiers[{n}]") for n, i in enumerate(request.identifiers)]

@@ -46,6 +46,12 @@ def _untoken(token: str) -> Any:
         raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token this service gave") from None
 
 
+def _refuse_nul(**fields: str) -> None:
+    field = identifiers.nul_in(**fields)
+    if field is not None:
+        raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: contains the character U+0000")
+
+
 def _identifier(request: Any) -> tuple[str, str]:
     """The request's identifier as the read model keys it (type, normalised value)."""
     id_type, value = request.identifier.type, request.identifier.value
@@ -110,6 +116,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _refuse_nul(profile_id=request.profile_id)
             key = request.WhichOneof("key")
             if key == "profile_id":
                 state = await self._reader.by_id(request.profile_id)
@@ -128,6 +135,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[
 
     async def GetTimeline(self, request: profile_pb2.GetTimelineRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _refuse_nul(profile_id=request.profile_id, type=request.type, name=request.name)
             size = _page_size(request.page_size, MAX_TIMELINE_PAGE)
             before = None
             if request.page_token:

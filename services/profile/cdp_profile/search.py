@@ -92,6 +92,8 @@ def parse(raw: Sequence[tuple[str, str, str]]) -> list[Filter]:
             continue
         try:
             value = json.loads(text)
+        except RecursionError:
+            raise InvalidFilter(f"{where}.value", "nested too deeply") from None
         except ValueError:
             raise InvalidFilter(f"{where}.value", f"not a JSON literal: {text!r} (quote text: \"gold\")") from None
         parsed.append(Filter(field, op, _checked(where, field, kind, op, value), kind))
