@@ -6,20 +6,25 @@ log namespace (streams and subjects) and its own database, so tests never see ea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 
 from cdp_cli import infra
+from cdp_common.service import ServiceDefinition, running
+from cdp_common.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +99,40 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(_asyncpg_dsn(database_url))
     yield conn
     await conn.close()
+
+
+@dataclass(frozen=True)
+class Launched:
+    """Services running in this process: their gRPC addresses, other listeners, a channel to each."""
+
+    addresses: dict[str, str]
+    endpoints: dict[str, str]
+    channels: dict[str, grpc.aio.Channel]
+
+
+@contextlib.asynccontextmanager
+async def _launch(
+    definitions: Sequence[ServiceDefinition], *, nats_url: str, database_url: str, namespace: str, log_level: str
+) -> AsyncIterator[Launched]:
+    async with contextlib.AsyncExitStack() as stack:
+        addresses, endpoints = {}, {}
+        for definition in definitions:
+            settings = Settings(
+                service=definition.name, nats_url=nats_url, database_url=database_url,
+                grpc_listen="127.0.0.1:0", namespace=namespace, log_level=log_level,
+            )
+            service = await stack.enter_async_context(running(definition, settings))
+            addresses[definition.name] = service.address
+            endpoints.update(service.runtime.endpoints)
+        channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
+        try:
+            yield Launched(addresses, endpoints, channels)
+        finally:
+            for channel in channels.values():
+                await channel.close()
+
+
+@pytest.fixture(scope="session")
+def launch_services() -> Callable[..., contextlib.AbstractAsyncContextManager[Launched]]:
+    """Starts services in-process, each as `cdp up` would run it but sharing this event loop."""
+    return _launch

@@ -24,8 +24,7 @@ from cdp_activation.main import DEFINITION as ACTIVATION
 from cdp_cli.infra import free_port
 from cdp_cli.settle import settle
 from cdp_common import eventlog
-from cdp_common.service import ServiceDefinition, running
-from cdp_common.settings import Settings
+from cdp_common.service import ServiceDefinition
 from cdp_dmp.main import DEFINITION as DMP
 from cdp_identity.main import DEFINITION as IDENTITY
 from cdp_ingest.main import DEFINITION as INGEST
@@ -99,7 +98,7 @@ StartSuite = Callable[..., contextlib.AbstractAsyncContextManager[Suite]]
 @pytest.fixture
 def start_suite(
     nats_url: str, database_url: str, namespace: str, nc: NATS, smtp: tuple[Inbox, int],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, launch_services: Any,
 ) -> StartSuite:
     """Returns a context manager starting the given services (all six by default)."""
     monkeypatch.setenv("CDP_SMTP_HOST", "127.0.0.1")
@@ -108,21 +107,9 @@ def start_suite(
 
     @contextlib.asynccontextmanager
     async def start(definitions: tuple[ServiceDefinition, ...] = ALL, url: str = nats_url) -> AsyncIterator[Suite]:
-        async with contextlib.AsyncExitStack() as stack:
-            addresses, endpoints = {}, {}
-            for definition in definitions:
-                settings = Settings(
-                    service=definition.name, nats_url=url, database_url=database_url,
-                    grpc_listen="127.0.0.1:0", namespace=namespace, log_level="warning",
-                )
-                service = await stack.enter_async_context(running(definition, settings))
-                addresses[definition.name] = service.address
-                endpoints.update(service.runtime.endpoints)
-            channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
-            try:
-                yield Suite(addresses, channels, nc.jetstream(), eventlog.Topology(namespace), endpoints)
-            finally:
-                for channel in channels.values():
-                    await channel.close()
+        async with launch_services(definitions, nats_url=url, database_url=database_url, namespace=namespace,
+                                   log_level="warning") as launched:
+            yield Suite(launched.addresses, launched.channels, nc.jetstream(), eventlog.Topology(namespace),
+                        launched.endpoints)
 
     return start

@@ -6,7 +6,6 @@ example (or per test) would spend the time budget on start-ups.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from cdp_activation.main import DEFINITION as ACTIVATION
 from cdp_cli.infra import free_port
 from cdp_cli.settle import settle
 from cdp_common import eventlog
-from cdp_common.service import running
-from cdp_common.settings import Settings
 from cdp_dmp.main import DEFINITION as DMP
 from cdp_identity.main import DEFINITION as IDENTITY
 from cdp_ingest.main import DEFINITION as INGEST
@@ -82,7 +79,7 @@ async def module_database(postgres_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 async def suite(
-    nats_url: str, module_database: str, smtp_port: int, module_env: pytest.MonkeyPatch
+    nats_url: str, module_database: str, smtp_port: int, module_env: pytest.MonkeyPatch, launch_services: Any
 ) -> AsyncIterator[Suite]:
     """All six services with write keys required, in this module's own namespace and database."""
     module_env.setenv("CDP_SMTP_HOST", "127.0.0.1")
@@ -91,20 +88,8 @@ async def suite(
     module_env.setenv("CDP_WRITE_KEYS", f"{WRITE_KEY}=fuzz")
     namespace = f"t{uuid.uuid4().hex[:10]}"
     nc = await nats.connect(nats_url)
-    async with contextlib.AsyncExitStack() as stack:
-        addresses, endpoints = {}, {}
-        for definition in ALL:
-            settings = Settings(
-                service=definition.name, nats_url=nats_url, database_url=module_database,
-                grpc_listen="127.0.0.1:0", namespace=namespace, log_level="error",
-            )
-            service = await stack.enter_async_context(running(definition, settings))
-            addresses[definition.name] = service.address
-            endpoints.update(service.runtime.endpoints)
-        channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
-        try:
-            yield Suite(addresses, channels, nc.jetstream(), eventlog.Topology(namespace), endpoints["http"])
-        finally:
-            for channel in channels.values():
-                await channel.close()
+    async with launch_services(ALL, nats_url=nats_url, database_url=module_database, namespace=namespace,
+                               log_level="error") as launched:
+        yield Suite(launched.addresses, launched.channels, nc.jetstream(), eventlog.Topology(namespace),
+                    launched.endpoints["http"])
     await nc.close()
