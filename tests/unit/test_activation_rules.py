@@ -109,9 +109,14 @@ def test_traits_are_not_html_escaped() -> None:
 
 
 def test_templates_cannot_reach_python_internals() -> None:
-    campaign = check_campaign(replace(GOOD, body_template="{{ ''.__class__.__mro__[1].__subclasses__() }}"))
+    reaching = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    # Refused when the campaign is put, as it would fail every send...
+    with pytest.raises(InvalidCampaign) as refused:
+        check_campaign(replace(GOOD, body_template=reaching))
+    assert refused.value.field == "body_template" and "fails for every profile" in str(refused.value)
+    # ...and the sandbox stops it at send time anyway.
     with pytest.raises(SecurityError):
-        render(campaign, PROFILE)
+        render(replace(GOOD, body_template=reaching), PROFILE)
 
 
 def test_a_missing_nested_trait_renders_empty() -> None:

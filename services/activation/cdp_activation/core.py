@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import ChainableUndefined, TemplateSyntaxError, meta
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 CHANNELS = ("email",)
@@ -60,12 +61,12 @@ def check_campaign(campaign: Campaign) -> Campaign:
             raise InvalidCampaign(field, "template nested too deeply") from None
         if any(True for _ in meta.find_referenced_templates(parsed)):
             raise InvalidCampaign(field, "include, import and extends are not available")
-        # Rendered once for a profile without traits: endless recursion or a range over the
-        # sandbox's limit would fail every send, each dead-lettered. (What the sandbox blocks is
-        # refused at send time, and what depends on traits is decided then too.)
+        # Rendered once for a profile without traits: endless recursion, a range over the
+        # sandbox's limit or what the sandbox forbids would fail every send, each dead-lettered.
+        # (What depends on traits is decided at send time.)
         try:
             _ENV.from_string(source).render({"traits": {}, "profile": {}})
-        except (RecursionError, OverflowError) as error:
+        except (RecursionError, OverflowError, SecurityError) as error:
             raise InvalidCampaign(field, f"template fails for every profile: {error}") from None
         except Exception:  # noqa: BLE001, S110 - decided at send time, as above
             pass
