@@ -1256,6 +1256,17 @@ async def bench(args: argparse.Namespace, servers: Servers, workload: Workload) 
 
 
 
+def set_up(kind: str) -> tuple[str, Path, Path, Path]:
+    """Signals as a bench handles them; (time stamp, results dir, temp dir, its logs dir)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, ib._on_sigterm)
+    results_dir = BENCH_DIR / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"cdp-bench-{kind}-"))
+    (tmp / "logs").mkdir()
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S"), results_dir, tmp, tmp / "logs"
+
+
 def tear_down(children: list[Any], nats_server: Any, postgres: Any, tmp: Path, keep: bool) -> None:
     """Stops the processes a bench started, then the servers; removes the temp dir unless kept."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1294,14 +1305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.events < FETCH_BATCH or args.runs < 1 or args.graph < len(PRELOAD_TYPES):
         parser.error(f"--events must be at least {FETCH_BATCH}, --runs at least 1, --graph at least 5")
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, ib._on_sigterm)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    results_dir = BENCH_DIR / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="cdp-bench-identity-"))
-    logs = tmp / "logs"
-    logs.mkdir()
+    stamp, results_dir, tmp, logs = set_up("identity")
     nats_server = postgres = None
     began = time.perf_counter()
     global CODE

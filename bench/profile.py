@@ -50,13 +50,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import types
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1235,14 +1234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.events < FETCH_BATCH or args.runs < 1 or args.profiles < 100 or args.rate <= 0 or args.duration <= 0:
         parser.error(f"--events must be at least {FETCH_BATCH}, --runs at least 1, --profiles at least 100")
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, ib._on_sigterm)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    results_dir = BENCH_DIR / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="cdp-bench-profile-"))
-    logs = tmp / "logs"
-    logs.mkdir()
+    stamp, results_dir, tmp, logs = idb.set_up("profile")
     nats_server = postgres = None
     began = time.perf_counter()
     try:
