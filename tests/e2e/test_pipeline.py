@@ -150,6 +150,36 @@ async def test_replayed_log_changes_nothing_twice(start_suite, smtp, db) -> None
     assert await db.fetchval("SELECT count(*) FROM activation.sends") == 1
 
 
+async def test_a_template_failing_for_one_profile_spares_the_other_campaigns(start_suite, smtp, db) -> None:
+    """One profile's traits make one campaign's template fail: that send is recorded as skipped with
+    the reason, the other campaign on the segment still sends, and nothing is dead-lettered."""
+    inbox, _ = smtp
+    repeat = activation_pb2.Campaign(
+        id="repeat", segment_id="repeat-buyers", from_address="shop@example.com",
+        subject_template="For you", body_template="{{ 'x' * (traits.times | int) }}",
+    )
+    async with start_suite() as suite:
+        await suite.segmentation.PutSegment(REPEAT_BUYERS)
+        await suite.activation.PutCampaign(THANKS)
+        await suite.activation.PutCampaign(repeat)
+        await suite.ingest.Identify(identify("t1", {"email": "max@example.com", "first_name": "Max", "times": 10**9},
+                                             30, user_id="u-max"))
+        await suite.ingest.Identify(identify("t2", {"email": "ida@example.com", "first_name": "Ida", "times": 3},
+                                             30, user_id="u-ida"))
+        for n, user in enumerate(["u-max", "u-max", "u-ida", "u-ida"]):
+            await suite.ingest.Track(track(f"t{n + 3}", "Order Completed", 20 - n, user_id=user))
+        await suite.settle()
+
+        got = sorted((m["To"], m["Subject"]) for m in inbox.messages)
+        assert got == [("ida@example.com", "For you"), ("ida@example.com", "Thanks Ida"),
+                       ("max@example.com", "Thanks Max")]
+        assert "xxx" in next(m for m in inbox.messages if m["Subject"] == "For you").get_payload()
+        skipped = await db.fetch("SELECT campaign_id, status, last_error FROM activation.sends WHERE status <> 'sent'")
+        assert [(r["campaign_id"], r["status"]) for r in skipped] == [("repeat", "skipped_render_failed")]
+        assert "body_template" in skipped[0]["last_error"] and "1000000000" in skipped[0]["last_error"]
+        assert await subject_count(suite.js, suite.topology.stream("deadletter"), f"{suite.topology.root}.deadletter.>") == 0
+
+
 async def test_bad_input_is_rejected_by_field_and_nothing_is_appended(start_suite) -> None:
     async with start_suite() as suite:
         cases = [

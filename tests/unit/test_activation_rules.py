@@ -6,9 +6,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from jinja2.exceptions import SecurityError
 
-from cdp_activation.core import Campaign, InvalidCampaign, check_campaign, recipient, render
+from cdp_activation.core import Campaign, InvalidCampaign, RenderFailed, check_campaign, recipient, render
 
 GOOD = Campaign(
     campaign_id="spring-sale",
@@ -115,7 +114,7 @@ def test_templates_cannot_reach_python_internals() -> None:
         check_campaign(replace(GOOD, body_template=reaching))
     assert refused.value.field == "body_template" and "fails for every profile" in str(refused.value)
     # ...and the sandbox stops it at send time anyway.
-    with pytest.raises(SecurityError):
+    with pytest.raises(RenderFailed, match="SecurityError"):
         render(replace(GOOD, body_template=reaching), PROFILE)
 
 
@@ -144,3 +143,28 @@ def test_a_missing_nested_trait_renders_empty() -> None:
 )
 def test_recipient(traits: dict[str, Any], identifiers: dict[str, str], expected: str | None) -> None:
     assert recipient(traits, identifiers) == expected
+
+
+@pytest.mark.parametrize("body", ['{{ "x" * 10**8 }}', "{{ [1] * 10**8 }}", "{{ 10 ** 100000000 }}"])
+def test_a_template_too_large_for_every_profile_is_refused(body: str) -> None:
+    with pytest.raises(InvalidCampaign) as caught:
+        check_campaign(replace(GOOD, body_template=body))
+    assert caught.value.field == "body_template"
+
+
+def test_small_repetitions_and_powers_still_render() -> None:
+    campaign = replace(GOOD, subject_template="{{ '*' * 3 }}", body_template="{{ 2 ** 10 }} {{ 'ab' * 2 }}")
+    assert render(check_campaign(campaign), {}) == ("***", "1024 abab")
+
+
+def test_a_template_that_fails_for_one_profile_names_the_field() -> None:
+    campaign = check_campaign(replace(GOOD, body_template="{{ 'x' * (traits.times | int) }}"))
+    assert render(campaign, {"traits": {"times": 2}})[1] == "xx"
+    with pytest.raises(RenderFailed, match="body_template: SecurityError"):
+        render(campaign, {"traits": {"times": 10**9}})
+
+
+def test_a_subject_longer_than_a_header_line_fails_the_send() -> None:
+    campaign = check_campaign(replace(GOOD, subject_template="{{ traits.name }}"))
+    with pytest.raises(RenderFailed, match="subject_template: renders 2,000 characters"):
+        render(campaign, {"traits": {"name": "n" * 2000}})

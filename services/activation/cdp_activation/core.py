@@ -15,9 +15,35 @@ CHANNELS = ("email",)
 _CAMPAIGN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
 
+# What one rendered message may hold: a subject line, and a body of at most 1 MiB.
+MAX_SUBJECT_CHARS = 998
+MAX_BODY_CHARS = 1024 * 1024
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, which also refuses `*` and `**` results too large to send (such as
+    `{{ "x" * 10**9 }}`) before computing them."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > 64 and isinstance(left, int | float) and abs(left) > 1:
+                raise SecurityError(f"{left!r} ** {right!r} is too large")
+            return super().call_binop(context, operator, left, right)
+        for sized, times in ((left, right), (right, left)):
+            if isinstance(sized, str | list | tuple) and isinstance(times, int) and len(sized) * times > MAX_BODY_CHARS:
+                raise SecurityError(f"a repeated value of {len(sized)} x {times} is longer than {MAX_BODY_CHARS}")
+        return super().call_binop(context, operator, left, right)
+
+
 # Sandboxed: templates come from operators over gRPC and must not reach Python internals.
 # A trait a profile lacks (nested ones too) renders as empty text rather than failing the send.
-_ENV = SandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
+_ENV = _Sandbox(undefined=ChainableUndefined, autoescape=False)
+
+
+class RenderFailed(Exception):
+    """A campaign's template cannot be rendered for this profile (the reason names the field)."""
 
 
 class InvalidCampaign(ValueError):
@@ -82,8 +108,21 @@ def recipient(traits: Mapping[str, Any], identifiers: Mapping[str, str]) -> str 
 
 
 def render(campaign: Campaign, profile: Mapping[str, Any]) -> tuple[str, str]:
+    """Subject and body for one profile; RenderFailed when this profile's data makes a template fail
+    (an error in the template itself is refused by check_campaign)."""
     scope = {"traits": profile.get("traits", {}), "profile": profile}
-    subject = _ENV.from_string(campaign.subject_template).render(scope)
-    body = _ENV.from_string(campaign.body_template).render(scope)
+    rendered = []
+    for field, source, limit in (
+        ("subject_template", campaign.subject_template, MAX_SUBJECT_CHARS),
+        ("body_template", campaign.body_template, MAX_BODY_CHARS),
+    ):
+        try:
+            text = _ENV.from_string(source).render(scope)
+        except Exception as error:  # noqa: BLE001 - anything the template raises for this profile
+            raise RenderFailed(f"{field}: {type(error).__name__}: {error}"[:500]) from None
+        if len(text) > limit:
+            raise RenderFailed(f"{field}: renders {len(text):,} characters, more than {limit:,}")
+        rendered.append(text)
+    subject, body = rendered
     # A header must stay on one line whatever the traits contain.
     return " ".join(subject.split()), body

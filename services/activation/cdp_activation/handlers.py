@@ -29,9 +29,16 @@ def make_handler(on_queued: Callable[[], None]) -> Handler:
             "revenue": membership.profile.revenue,
         }
         identifiers = {i.type: i.value for i in membership.profile.identifiers}
+        address = core.recipient(profile["traits"], identifiers)
         for campaign in await store.campaigns(conn, membership.segment_id):
-            address = core.recipient(profile["traits"], identifiers)
-            subject, body = core.render(campaign, profile)
+            # One campaign whose template fails for this profile is recorded as such; the other
+            # campaigns on the segment still send.
+            subject, body, error = "", "", None
+            try:
+                subject, body = core.render(campaign, profile)
+            except core.RenderFailed as failed:
+                error = str(failed)
+            status = "skipped_no_address" if not address else "skipped_render_failed" if error else "pending"
             # The key is (campaign, triggering entry): a redelivered or replayed entry queues nothing new.
             queued = await store.queue(
                 conn,
@@ -43,12 +50,13 @@ def make_handler(on_queued: Callable[[], None]) -> Handler:
                 recipient=address or "",
                 subject=subject,
                 body=body,
-                status="pending" if address else "skipped_no_address",
+                status=status,
+                error=error,
             )
-            if queued and address:
+            if queued and status == "pending":
                 on_queued()
-            elif not address:
-                log.info("send_skipped", reason="profile has no email address", campaign_id=campaign.campaign_id)
+            elif status != "pending":
+                log.info("send_skipped", status=status, error=error, campaign_id=campaign.campaign_id)
         return []
 
     return handle

@@ -85,16 +85,17 @@ async def sent_counts(conn: AsyncConnection) -> dict[str, int]:
 
 async def queue(
     conn: AsyncConnection, *, send_id: str, campaign_id: str, profile_id: str, trigger_event_id: str,
-    segment_id: str, recipient: str, subject: str, body: str, status: str = "pending",
+    segment_id: str, recipient: str, subject: str, body: str, status: str = "pending", error: str | None = None,
 ) -> bool:
     """Queues a send; False if this trigger already queued one for the campaign."""
     result = await conn.execute(
         text(
             "INSERT INTO activation.sends (send_id, campaign_id, profile_id, trigger_event_id, segment_id, "
-            "recipient, subject, body, status) VALUES (:id, :c, :p, :t, :s, :r, :sub, :b, :st) ON CONFLICT DO NOTHING"
+            "recipient, subject, body, status, last_error) VALUES (:id, :c, :p, :t, :s, :r, :sub, :b, :st, :e) "
+            "ON CONFLICT DO NOTHING"
         ),
         {"id": send_id, "c": campaign_id, "p": profile_id, "t": trigger_event_id, "s": segment_id,
-         "r": recipient, "sub": subject, "b": body, "st": status},
+         "r": recipient, "sub": subject, "b": body, "st": status, "e": error},
     )
     return bool(result.rowcount)
 
@@ -108,13 +109,15 @@ async def pending_ids(conn: AsyncConnection, limit: int) -> list[str]:
 
 
 async def claim(conn: AsyncConnection, send_id: str) -> Send | None:
-    """Locks one pending send; None if another sender holds it or it is no longer pending."""
+    """Marks one pending send `sending` (an attempt more); None if it is no longer pending (another
+    sender claimed it). Committed before the message goes to the SMTP server."""
     row = (
         await conn.execute(
             text(
-                "SELECT s.send_id, s.campaign_id, s.profile_id, s.segment_id, s.recipient, c.from_address, "
-                "s.subject, s.body, s.attempts FROM activation.sends s JOIN activation.campaigns c USING (campaign_id) "
-                "WHERE s.send_id = :id AND s.status = 'pending' FOR UPDATE OF s SKIP LOCKED"
+                "UPDATE activation.sends s SET status = 'sending', attempts = s.attempts + 1 "
+                "FROM activation.campaigns c WHERE s.send_id = :id AND s.status = 'pending' "
+                "AND c.campaign_id = s.campaign_id RETURNING s.send_id, s.campaign_id, s.profile_id, s.segment_id, "
+                "s.recipient, c.from_address, s.subject, s.body, s.attempts"
             ),
             {"id": send_id},
         )
@@ -125,7 +128,7 @@ async def claim(conn: AsyncConnection, send_id: str) -> Send | None:
 async def finish(conn: AsyncConnection, send_id: str, status: str, error: str | None = None) -> None:
     await conn.execute(
         text(
-            "UPDATE activation.sends SET status = :st, attempts = attempts + 1, last_error = :e, "
+            "UPDATE activation.sends SET status = :st, last_error = :e, "
             "sent_at = CASE WHEN :st = 'sent' THEN now() ELSE sent_at END WHERE send_id = :id"
         ),
         {"st": status, "e": error, "id": send_id},
