@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo up test clean
+.PHONY: setup demo up test bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ up: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The whole platform against raw JetStream (bench/suite.md); e.g. make bench BENCH_ARGS=--smoke
+bench: setup
+	$(BIN)/cdp bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) gen .cdp

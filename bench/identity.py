@@ -1267,6 +1267,15 @@ def set_up(kind: str) -> tuple[str, Path, Path, Path]:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S"), results_dir, tmp, tmp / "logs"
 
 
+def save(out: Path, document: dict[str, Any], began: float) -> int:
+    """Writes a bench's results (with its wall time since `began`) to `out`; says where."""
+    document["wall_seconds"] = time.perf_counter() - began
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2, default=str))
+    print(f"JSON: {out}  (wall time {document['wall_seconds']:.0f} s)")
+    return 0
+
+
 def tear_down(children: list[Any], nats_server: Any, postgres: Any, tmp: Path, keep: bool) -> None:
     """Stops the processes a bench started, then the servers; removes the temp dir unless kept."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1337,11 +1346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             document |= {"settings": vars(args) | {"json": str(out)}, "graph_preload": graph, "medians": medians,
                          "raw": raw}
         info["code_under_test"]["fingerprint_at_end"] = CODE.fingerprint()
-        document["wall_seconds"] = time.perf_counter() - began
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(document, indent=2, default=str))
-        print(f"JSON: {out}  (wall time {time.perf_counter() - began:.0f} s)")
-        return 0
+        return save(out, document, began)
     except KeyboardInterrupt:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130

@@ -1267,11 +1267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             document |= {"settings": vars(args) | {"json": str(out)}, "preload": preload, "medians": medians,
                          "raw": raw}
         info["fingerprint_at_end"] = CODE.fingerprint()
-        document["wall_seconds"] = time.perf_counter() - began
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(document, indent=2, default=str))
-        print(f"JSON: {out}  (wall time {time.perf_counter() - began:.0f} s)")
-        return 0
+        return int(idb.save(out, document, began))
     except KeyboardInterrupt:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130

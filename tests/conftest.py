@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -108,6 +108,8 @@ class Launched:
     addresses: dict[str, str]
     endpoints: dict[str, str]
     channels: dict[str, grpc.aio.Channel]
+    # Each service's Prometheus endpoint, by service name.
+    metrics: dict[str, str] = field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager
@@ -115,18 +117,19 @@ async def _launch(
     definitions: Sequence[ServiceDefinition], *, nats_url: str, database_url: str, namespace: str, log_level: str
 ) -> AsyncIterator[Launched]:
     async with contextlib.AsyncExitStack() as stack:
-        addresses, endpoints = {}, {}
+        addresses, endpoints, metrics = {}, {}, {}
         for definition in definitions:
             settings = Settings(
                 service=definition.name, nats_url=nats_url, database_url=database_url,
-                grpc_listen="127.0.0.1:0", namespace=namespace, log_level=log_level,
+                grpc_listen="127.0.0.1:0", namespace=namespace, log_level=log_level, metrics_listen="127.0.0.1:0",
             )
             service = await stack.enter_async_context(running(definition, settings))
             addresses[definition.name] = service.address
             endpoints.update(service.runtime.endpoints)
+            metrics[definition.name] = service.metrics_url or ""
         channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
         try:
-            yield Launched(addresses, endpoints, channels)
+            yield Launched(addresses, endpoints, channels, metrics)
         finally:
             for channel in channels.values():
                 await channel.close()

@@ -63,6 +63,8 @@ class Suite:
     topology: eventlog.Topology
     # Other listeners by name, e.g. "http" for ingest's collector.
     endpoints: dict[str, str] = field(default_factory=dict)
+    # Each service's Prometheus /metrics URL, by service name.
+    metrics: dict[str, str] = field(default_factory=dict)
 
     @property
     def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
@@ -110,6 +112,6 @@ def start_suite(
         async with launch_services(definitions, nats_url=url, database_url=database_url, namespace=namespace,
                                    log_level="warning") as launched:
             yield Suite(launched.addresses, launched.channels, nc.jetstream(), eventlog.Topology(namespace),
-                        launched.endpoints)
+                        launched.endpoints, launched.metrics)
 
     return start

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -65,6 +66,9 @@ def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
             addresses[found.group(1)] = found.group(2)
             if found.group(3):
                 addresses["http"] = found.group(3)
+            metrics = re.search(r"\smetrics (\S+)", line)
+            if metrics:
+                addresses[f"{found.group(1)}.metrics"] = metrics.group(1)
         if line.startswith("Press Ctrl-C"):
             return process, addresses
     process.wait(10)
@@ -92,7 +96,8 @@ def _profile(address: str, email: str) -> profile_pb2.ProfileSnapshot | None:
 def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path) -> None:
     process, addresses = _start_up(tmp_path)
     try:
-        assert set(addresses) == {"ingest", "identity", "profile", "segmentation", "activation", "dmp-bridge", "http"}
+        services = {"ingest", "identity", "profile", "segmentation", "activation", "dmp-bridge"}
+        assert set(addresses) == {*services, "http", *(f"{name}.metrics" for name in services)}
         # The Segment-compatible HTTP collector is up too.
         request = urllib.request.Request(
             f"{addresses['http']}/v1/identify",
@@ -108,6 +113,13 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
                 ),
                 timeout=10,
             )
+        # Ingest's Prometheus endpoint, as printed, counts its calls (that one at least: a suite started
+        # elsewhere on this machine at the same moment can end up on the same default ports).
+        with urllib.request.urlopen(addresses["ingest.metrics"], timeout=10) as response:
+            scraped = text_string_to_metric_families(response.read().decode())
+        counted = [s.value for family in scraped for s in family.samples if s.name == "grpc_server_handled_total"
+                   and s.labels.get("grpc_method") == "Identify" and s.labels["grpc_code"] == "OK"]
+        assert len(counted) == 1 and counted[0] >= 1
         deadline = time.monotonic() + 30
         while _profile(addresses["profile"], "keep@example.com") is None or _profile(
             addresses["profile"], "http@example.com"
@@ -127,7 +139,7 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
         out = _stop(process, signal.SIGINT)
     assert "stopped." in out
     # Every service shut down gracefully (SIGTERM from `cdp`), not killed.
-    for name in set(addresses) - {"http"}:
+    for name in services:
         lines = (tmp_path / "logs" / f"{name}.log").read_text().splitlines()
         assert json.loads(lines[-1])["event"] == "service_stopped", lines[-3:]
 

@@ -64,6 +64,22 @@ def conversions_csv(rows: list[dict[str, Any]]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+async def configure(
+    segmentation: segmentation_pb2_grpc.SegmentationServiceStub, activation: activation_pb2_grpc.ActivationServiceStub,
+    segments: list[dict[str, Any]] | None = None, campaigns: list[dict[str, Any]] | None = None, seeds: Path = SEEDS,
+) -> None:
+    """Puts segments and campaigns, as seeds/demo's JSON files spell them (by default those files)."""
+    for segment in segments if segments is not None else json.loads((seeds / "segments.json").read_text()):
+        await segmentation.PutSegment(
+            segmentation_pb2.Segment(
+                id=segment["id"], name=segment["name"],
+                conditions=[segmentation_pb2.Condition(**c) for c in segment["conditions"]],
+            )
+        )
+    for campaign in campaigns if campaigns is not None else json.loads((seeds / "campaigns.json").read_text()):
+        await activation.PutCampaign(activation_pb2.Campaign(**campaign))
+
+
 async def run(addresses: Mapping[str, str], settings: Mapping[str, str], data_dir: Path, seeds: Path = SEEDS) -> Report:
     report = Report()
     topology = eventlog.Topology(settings.get("CDP_NAMESPACE", "cdp"))
@@ -78,15 +94,7 @@ async def run(addresses: Mapping[str, str], settings: Mapping[str, str], data_di
         activation = activation_pb2_grpc.ActivationServiceStub(channels["activation"])
         dmp = dmp_pb2_grpc.DmpBridgeServiceStub(channels["dmp-bridge"])
 
-        for segment in json.loads((seeds / "segments.json").read_text()):
-            await segmentation.PutSegment(
-                segmentation_pb2.Segment(
-                    id=segment["id"], name=segment["name"],
-                    conditions=[segmentation_pb2.Condition(**c) for c in segment["conditions"]],
-                )
-            )
-        for campaign in json.loads((seeds / "campaigns.json").read_text()):
-            await activation.PutCampaign(activation_pb2.Campaign(**campaign))
+        await configure(segmentation, activation, seeds=seeds)
 
         events = _read_jsonl(seeds / "events.jsonl")
         for row in events:

@@ -32,11 +32,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 from google.protobuf import json_format
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from rich import box
@@ -44,8 +42,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cdp.v1 import event_pb2
+from cdp_cli import options
 from cdp_common import convert, eventlog
-from cdp_common.settings import Settings, SettingsError
+from cdp_common.settings import SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -240,18 +239,6 @@ def describe(letter: Letter, marker: Marker | None) -> list[str]:
 # The log.
 
 
-async def connect(url: str) -> NATS:
-    async def quiet(*_: Any) -> None:
-        return None
-
-    # nats-py retries the first connect forever with max_reconnect_attempts=0: 1 gives up after two tries.
-    return await nats.connect(
-        url, name="cdp-dlq", connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1,
-        reconnect_time_wait=0.5,
-        error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet,
-    )
-
-
 class DeadLetters:
     """The DEADLETTER stream of one namespace."""
 
@@ -401,8 +388,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "are kept in the DEADLETTER stream). Once the cause is fixed, `redrive` appends the original "
         "again so the consumer retries it.",
     )
-    parser.add_argument("--nats", metavar="URL", default=None, help="NATS server (default: $CDP_NATS_URL)")
-    parser.add_argument("--namespace", default=None, help="stream namespace (default: $CDP_NAMESPACE or cdp)")
+    options.add_log_options(parser)
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="a table of dead letters, oldest first")
     listing.add_argument("--consumer", metavar="NAME", help="only this durable consumer's, e.g. identity-resolve")
@@ -470,7 +456,7 @@ async def _redrive(letters_log: DeadLetters, args: argparse.Namespace, out: Cons
 
 
 async def run(args: argparse.Namespace, url: str, topology: eventlog.Topology, out: Console, err: Console) -> int:
-    nc = await connect(url)
+    nc = await options.connect(url, "cdp-dlq")
     try:
         letters_log = DeadLetters(nc.jetstream(timeout=_TIMEOUT_SECONDS), topology)
         await letters_log.check()
@@ -481,19 +467,6 @@ async def run(args: argparse.Namespace, url: str, topology: eventlog.Topology, o
         return await _redrive(letters_log, args, out, err)
     finally:
         await nc.close()
-
-
-def _settings(args: argparse.Namespace) -> tuple[str, eventlog.Topology]:
-    url = args.nats or os.environ.get("CDP_NATS_URL", "").strip()
-    if not url:
-        raise DlqError("no NATS server: pass --nats URL or set CDP_NATS_URL (`cdp up` prints it)")
-    namespace = args.namespace or os.environ.get("CDP_NAMESPACE", "").strip() or "cdp"
-    # The services' own check of the namespace, so both refuse the same values.
-    try:
-        settings = Settings.from_env("cdp-dlq", 0, {"CDP_NATS_URL": url, "CDP_NAMESPACE": namespace})
-    except SettingsError as error:
-        raise DlqError(str(error).replace("environment variable CDP_NAMESPACE", "--namespace / CDP_NAMESPACE")) from None
-    return settings.nats_url, eventlog.Topology(settings.namespace)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -507,7 +480,7 @@ def command(args: argparse.Namespace) -> int:
             raise DlqError("redrive: --consumer goes with --all")
         if getattr(args, "consumer", None):
             check_consumer(args.consumer)
-        url, topology = _settings(args)
+        url, topology = options.log_settings(args)
         return asyncio.run(run(args, url, topology, out, err))
     except (DlqError, SettingsError) as error:
         err.print(f"cdp dlq: {error}")

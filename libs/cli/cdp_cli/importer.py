@@ -52,10 +52,11 @@ from rich.text import Text
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from cdp.v1 import event_pb2
+from cdp_cli.options import add_address_option, default_address, service_address
 from cdp_common import convert, eventlog
 from cdp_ingest import core
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_ADDRESS = default_address("ingest")
 STATE_SUFFIX = ".cdp-import.json"
 ERRORS_SUFFIX = ".cdp-import-errors.jsonl"
 STATE_VERSION = 1
@@ -781,8 +782,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", metavar="FILE", type=Path, help="a .jsonl, .ndjson or .csv file")
-    parser.add_argument("--ingest", metavar="ADDRESS", default=None,
-                        help=f"ingest's gRPC address (default: $CDP_INGEST_ADDRESS or {DEFAULT_ADDRESS})")
+    add_address_option(parser, "ingest")
     parser.add_argument("--write-key", metavar="KEY", default=None,
                         help="sent as x-write-key metadata (default: $CDP_WRITE_KEY)")
     parser.add_argument("--source", metavar="NAME", default="",
@@ -797,7 +797,7 @@ def command(args: argparse.Namespace) -> int:
     """`cdp import`: runs the import with a progress bar on stderr; returns the exit status."""
     path: Path = args.file
     options = Options(
-        address=args.ingest or os.environ.get("CDP_INGEST_ADDRESS") or DEFAULT_ADDRESS,
+        address=service_address("ingest", args.ingest),
         write_key=args.write_key if args.write_key is not None else os.environ.get("CDP_WRITE_KEY", ""),
         source=args.source,
         restart=args.restart,

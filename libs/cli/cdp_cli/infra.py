@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,36 @@ def nats_server_binary() -> str:
     return found
 
 
+# JetStream's fsync interval, nats-server's `sync_interval`: how long an acknowledged write may sit
+# in the OS page cache before it is fsynced. "2m" is nats-server's own default; "always" fsyncs
+# each write before acknowledging it. README ("The event log") has what each costs.
+SYNC_INTERVAL_SETTING = "CDP_NATS_SYNC_INTERVAL"
+DEFAULT_SYNC_INTERVAL = "2m"
+# "always", or a Go duration such as 2m, 30s, 500ms or 1m30s.
+_SYNC_INTERVAL = re.compile(r"always|(\d+(\.\d+)?(ns|us|ms|s|m|h))+")
+
+
+def nats_sync_interval(environ: Mapping[str, str] | None = None) -> str:
+    """CDP_NATS_SYNC_INTERVAL (default nats-server's own 2m), checked."""
+    env = os.environ if environ is None else environ
+    value = env.get(SYNC_INTERVAL_SETTING, "").strip() or DEFAULT_SYNC_INTERVAL
+    if not _SYNC_INTERVAL.fullmatch(value):
+        raise InfraError(
+            f"environment variable {SYNC_INTERVAL_SETTING} must be 'always' or a duration such as 2m, 30s or "
+            f"500ms, got {value!r}"
+        )
+    return value
+
+
 @dataclass
 class NatsServer:
     url: str
     process: subprocess.Popen[bytes]
     store_dir: Path
     port: int
+    sync_interval: str = DEFAULT_SYNC_INTERVAL
+    # nats-server's HTTP monitoring (/varz, /jsz), when started with a monitor port.
+    monitor_url: str | None = None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
@@ -63,23 +88,35 @@ class NatsServer:
                 self.process.wait()
 
 
-def start_nats(store_dir: Path, port: int | None = None, log_file: Path | None = None) -> NatsServer:
-    """A JetStream-enabled nats-server whose streams live in `store_dir` (kept across restarts)."""
+def start_nats(
+    store_dir: Path, port: int | None = None, log_file: Path | None = None, sync_interval: str | None = None,
+    monitor_port: int | None = None,
+) -> NatsServer:
+    """A JetStream-enabled nats-server whose streams live in `store_dir` (kept across restarts).
+
+    `sync_interval` defaults to CDP_NATS_SYNC_INTERVAL's value; it goes to nats-server in a
+    configuration file in `store_dir` (the option has no command-line flag).
+    """
+    sync = nats_sync_interval(None if sync_interval is None else {SYNC_INTERVAL_SETTING: sync_interval})
     store_dir.mkdir(parents=True, exist_ok=True)
+    config = store_dir / "nats-server.conf"
+    config.write_text(f'# Written by cdp at every start ({SYNC_INTERVAL_SETTING}).\njetstream {{ sync_interval: "{sync}" }}\n')
     port = port or free_port()
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True)
+    command = [nats_server_binary(), "-c", str(config), "-js", "-sd", str(store_dir),
+               "-a", "127.0.0.1", "-p", str(port)]
+    if monitor_port:
+        command += ["-m", str(monitor_port)]
     out: Any = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        [nats_server_binary(), "-js", "-sd", str(store_dir), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=out,
-        stderr=out,
-        start_new_session=True,
-    )
+    process = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True)
     if log_file:
         out.close()
     _wait_for_port(port, process, "nats-server")
-    return NatsServer(url=f"nats://127.0.0.1:{port}", process=process, store_dir=store_dir, port=port)
+    return NatsServer(
+        url=f"nats://127.0.0.1:{port}", process=process, store_dir=store_dir, port=port, sync_interval=sync,
+        monitor_url=f"http://127.0.0.1:{monitor_port}" if monitor_port else None,
+    )
 
 
 @dataclass
@@ -145,7 +182,8 @@ def servers(data_dir: Path, environ: dict[str, str]) -> Iterator[dict[str, str]]
         if environ.get("CDP_NATS_URL"):
             settings["CDP_NATS_URL"] = environ["CDP_NATS_URL"]
         else:
-            nats_server = start_nats(data_dir / "nats", log_file=data_dir / "logs" / "nats-server.log")
+            nats_server = start_nats(data_dir / "nats", log_file=data_dir / "logs" / "nats-server.log",
+                                     sync_interval=nats_sync_interval(environ))
             started.append(nats_server)
             settings["CDP_NATS_URL"] = nats_server.url
         if environ.get("CDP_DATABASE_URL"):

@@ -1,5 +1,6 @@
 """`cdp up` runs the whole suite on this machine; `cdp demo` runs it with the seed story;
-`cdp import` backfills a file of events; `cdp replay profile` rebuilds a read model from the log."""
+`cdp import` backfills a file of events; `cdp replay profile` rebuilds a read model from the log;
+`cdp dlq` handles dead letters; `cdp status` shows each service's health and its consumers' lag."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from cdp_cli import demo, dlq, importer, infra, replay, suite
+from cdp_cli import bench, demo, dlq, importer, infra, replay, status, suite
 
 
 def _default_data_dir() -> Path:
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     importer.add_parser(commands)
     replay.add_parser(commands)
     dlq.add_parser(commands)
+    bench.add_parser(commands)
+    status.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "import":
         sys.exit(importer.command(args))
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(replay.command(args))
     if args.command == "dlq":
         sys.exit(dlq.command(args))
+    if args.command == "bench":
+        sys.exit(bench.command(args))
+    if args.command == "status":
+        sys.exit(status.command(args))
     try:
         if args.command == "up":
             sys.exit(up((args.data_dir or _default_data_dir()).resolve()))

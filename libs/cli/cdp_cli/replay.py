@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from typing import Any
 
 import grpc
@@ -17,8 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_cli import options
 
-DEFAULT_ADDRESS = "127.0.0.1:50053"
 READ_MODELS = ("profile",)
 
 
@@ -29,8 +28,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "The service answers from the current read model until the new one has caught up.",
     )
     parser.add_argument("read_model", choices=READ_MODELS, help="the read model to rebuild")
-    parser.add_argument("--profile", metavar="ADDRESS", default=None,
-                        help=f"profile's gRPC address (default: $CDP_PROFILE_ADDRESS or {DEFAULT_ADDRESS})")
+    options.add_address_option(parser, "profile")
     return parser
 
 
@@ -63,7 +61,7 @@ async def _rebuild(address: str, console: Console) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    address = args.profile or os.environ.get("CDP_PROFILE_ADDRESS") or DEFAULT_ADDRESS
+    address = options.service_address("profile", args.profile)
     console = Console(stderr=True, highlight=False)
     try:
         return asyncio.run(_rebuild(address, console))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -67,9 +68,18 @@ class ConsumerSpec:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+# Failures asyncpg reports as plain database errors (a DBAPIError, its connection not invalidated):
+# SQLSTATE class 08, the connection failed ("connection was closed in the middle of operation"),
+# and 57P01-57P03, the server shutting down, crashed or still starting up after a restart.
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
 def infrastructure_failure(error: BaseException) -> bool:
     """The database or the log itself failed: retrying the handler cannot help."""
-    if isinstance(error, DBAPIError) and error.connection_invalidated:
+    if isinstance(error, DBAPIError) and (
+        error.connection_invalidated
+        or str(getattr(error.orig, "sqlstate", None) or "").startswith(_CONNECTION_SQLSTATES)
+    ):
         return True
     return isinstance(error, OperationalError | InterfaceError | ConnectionError | OSError)
 
@@ -101,8 +111,21 @@ class Consumer:
         self._standby_logged = False
         # Outbox rows published after the last commit, deleted in the next transaction.
         self._published: list[int] = []
+        # Publishing a committed batch's facts runs beside the next batch (the outbox keeps them
+        # until published); each publish waits for the one before, so facts go out in order.
+        self._publishing: asyncio.Task[None] | None = None
         self.applied = 0
         self.dead_lettered = 0
+        # Read by the metrics at scrape time; only failures add to them.
+        self.handler_errors = 0
+        self.batch_failures = 0
+        # The counts before the batch in hand: a batch that fails is rolled back and applied again.
+        self._counted = (0, 0)
+        # Called with each applied batch's duration in seconds (the metrics' histogram).
+        self.on_batch: Callable[[float], None] | None = None
+        # Called after each committed batch with the messages it applied and its perf_counter start
+        # (tracing's consumer spans); None, as without tracing, costs the loop nothing per event.
+        self.on_applied: Callable[[Sequence[Msg], float], None] | None = None
 
     @property
     def stream(self) -> str:
@@ -146,9 +169,11 @@ class Consumer:
         except nats.js.errors.NotFoundError:
             info = None
         wanted = self.consumer_config()
-        if not force and info is not None and info.num_ack_pending == 0 and info.config.ack_policy == wanted.ack_policy and (
-            sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) ==
-            sorted(wanted.filter_subjects or [""])
+        if not force and info is not None and info.num_ack_pending == 0 and (
+            info.config.ack_policy == wanted.ack_policy
+            and info.config.max_ack_pending == wanted.max_ack_pending
+            and sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
+            == sorted(wanted.filter_subjects or [""])
         ):
             return
         async with self._engine.connect() as conn:
@@ -232,6 +257,8 @@ class Consumer:
                 finally:
                     self._lock = None
                     await puller.forget()
+                    with contextlib.suppress(BaseException):
+                        await self._published_so_far()
                     with contextlib.suppress(Exception):
                         await self._forget_published()
                     # The session goes back to the pool, and a session lock would go with it.
@@ -251,6 +278,7 @@ class Consumer:
                     reposition = False
                 msgs = await puller.fetch()
                 if not msgs:
+                    await self._published_so_far()
                     await self._forget_published()
                     continue
             except Exception as error:  # noqa: BLE001 - the log or the database is down: wait, retry
@@ -267,6 +295,8 @@ class Consumer:
                 raise
             except Exception as error:  # noqa: BLE001 - the loop must go on
                 failures += 1
+                self.batch_failures += 1
+                self.applied, self.dead_lettered = self._counted
                 reposition = True
                 log.error("batch_failed", error=repr(error), messages=len(msgs))
                 await self._pause(min(0.2 * 2**failures, 5.0))
@@ -285,15 +315,19 @@ class Consumer:
 
     async def process(self, msgs: Sequence[Msg]) -> None:
         """Applies a batch: one transaction for the changes, the facts and the checkpoint."""
+        started = time.perf_counter()
+        self._counted = (self.applied, self.dead_lettered)
         if self._lock is not None:
             # Still the only applier? If the session holding the lock is gone, so is the lock.
             try:
                 await self._lock.execute(text("SELECT 1"))
             except Exception as error:  # noqa: BLE001 - any failure means the lock may be lost
                 raise LostLock(f"the session holding the lock of {self.spec.durable} failed: {error!r}") from error
+        self._raise_publish_failure()
         added: list[Added] = []
+        deleting = self._published
         async with self._engine.begin() as conn:
-            await self._outbox.delete(conn, self._published)
+            await self._outbox.delete(conn, deleting)
             # Creates the row on first use and locks it: a second applier waits here, then skips.
             applied_up_to = (
                 await conn.execute(
@@ -323,9 +357,35 @@ class Consumer:
                     ),
                     {"s": last, "c": self.spec.durable},
                 )
-        self._published = []
-        self._published = await self._outbox.publish(added)
+        # Rows published meanwhile were appended after the ones this transaction deleted.
+        self._published = self._published[len(deleting):]
+        # Acknowledged once committed: the facts are safe in the outbox.
         await msgs[-1].ack()
+        self._publishing = asyncio.create_task(self._publish(self._publishing, added))
+        if self.on_batch is not None:
+            self.on_batch(time.perf_counter() - started)
+        if self.on_applied is not None:
+            self.on_applied([msg for msg in msgs if msg.metadata.sequence.stream > applied_up_to], started)
+
+    async def _publish(self, before: asyncio.Task[None] | None, added: Sequence[Added]) -> None:
+        if before is not None:
+            await before
+        published = await self._outbox.publish(added)
+        self._published = [*self._published, *published]
+
+    def _raise_publish_failure(self) -> None:
+        """A background publish that failed fails the next batch (the loop then starts over from
+        the checkpoint, and the outbox publishes what waits in it first)."""
+        task = self._publishing
+        if task is not None and task.done():
+            self._publishing = None
+            task.result()
+
+    async def _published_so_far(self) -> None:
+        """Waits for the background publishing; raises its failure."""
+        task, self._publishing = self._publishing, None
+        if task is not None:
+            await task
 
     async def _forget_published(self) -> None:
         """Deletes the outbox rows already published (done with the next batch while busy)."""
@@ -349,6 +409,7 @@ class Consumer:
         except Exception as error:  # noqa: BLE001 - decided below
             if infrastructure_failure(error):
                 raise
+            self.handler_errors += 1
             log.warning("batch_handler_failed", error=repr(error), messages=len(msgs))
             return False
         self.applied += len(events)
@@ -370,12 +431,14 @@ class Consumer:
                     self.applied += 1
                     return outgoing
                 except PermanentError as caught:
+                    self.handler_errors += 1
                     log.error("dead_lettered", attempts=attempt, error=str(caught))
                     return [self._dead_letter(msg, str(caught), attempts=attempt)]
                 except Exception as caught:  # noqa: BLE001 - decided below
                     if infrastructure_failure(caught):
                         raise
                     error = caught
+                    self.handler_errors += 1
                     log.warning("handler_failed", attempt=attempt, error=repr(caught))
                     await asyncio.sleep(self.spec.retry_backoff_seconds * attempt)
             log.error("dead_lettered", attempts=self.spec.max_attempts, error=repr(error))

@@ -38,6 +38,9 @@ PUBLISH_TIMEOUT_SECONDS = 5.0
 MSG_ID_HEADER = "Nats-Msg-Id"
 CORRELATION_HEADER = "Cdp-Correlation-Id"
 TYPE_HEADER = "Cdp-Event-Type"
+# W3C trace context, under the names the standard gives them (as in HTTP and gRPC metadata).
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
 
 # Errors meaning "the log is not reachable right now"; callers answer UNAVAILABLE and retry.
 LOG_UNAVAILABLE = (
@@ -145,6 +148,9 @@ def new_event(
         event.correlation_id = cause.correlation_id or cause.id
         event.causation_id = cause.id
         event.occurred_at.CopyFrom(cause.occurred_at)
+        if cause.traceparent:
+            event.traceparent = cause.traceparent
+            event.tracestate = cause.tracestate
     else:
         event.occurred_at.CopyFrom(event.received_at)
     return event
@@ -161,6 +167,10 @@ class Outgoing:
         headers = {MSG_ID_HEADER: self.event.id, TYPE_HEADER: self.event.type}
         if self.event.correlation_id:
             headers[CORRELATION_HEADER] = self.event.correlation_id
+        if self.event.traceparent:
+            headers[TRACEPARENT_HEADER] = self.event.traceparent
+            if self.event.tracestate:
+                headers[TRACESTATE_HEADER] = self.event.tracestate
         return headers
 
 

@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_common import db, eventlog, logs
+from cdp_common import db, eventlog, logs, metrics, tracing
 from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler
 from cdp_common.settings import Settings, SettingsError, optional_int
 
@@ -55,6 +55,8 @@ class Runtime:
     # Called first at shutdown, after gRPC stops taking calls (e.g. closing an HTTP server).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     log: Any = field(default_factory=lambda: structlog.get_logger("cdp.service"))
+    # OpenTelemetry (off unless the OTEL_* environment configures it), e.g. for an HTTP server's spans.
+    tracing: tracing.Tracing = field(default_factory=lambda: tracing.Tracing("", {}))
 
     def __post_init__(self) -> None:
         self.publisher = eventlog.Publisher(self.nc)
@@ -176,6 +178,8 @@ class Running:
     runtime: Runtime
     server: grpc.aio.Server
     health: health.aio.HealthServicer
+    # Where Prometheus scrapes it (None: CDP_METRICS_LISTEN=0).
+    metrics_url: str | None = None
 
     @property
     def address(self) -> str:
@@ -229,13 +233,15 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
     """Starts the service in this event loop; leaving the block shuts it down gracefully."""
     if definition.schema is not None and not settings.database_url:
         raise SettingsError("environment variable CDP_DATABASE_URL is required but not set")
+    traces = tracing.Tracing(definition.name)
     nc = await _connect_nats(settings.nats_url, f"cdp-{definition.name}")
     engine = (
         db.create_engine(settings.database_url, search_path=definition.schema)
         if definition.schema is not None
         else None
     )
-    server = grpc.aio.server(interceptors=[_CorrelationInterceptor()])
+    service_metrics = metrics.ServiceMetrics()
+    server = grpc.aio.server(interceptors=[service_metrics.interceptor, *traces.interceptors, _CorrelationInterceptor()])
     health_servicer = health.aio.HealthServicer()
     runtime: Runtime | None = None
     try:
@@ -245,9 +251,12 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         if engine is not None and definition.schema is not None:
             await db.migrate(engine, definition.schema, definition.migrations)
         runtime = Runtime(
-            settings=settings, nc=nc, js=js, topology=topology, schema=definition.schema, maybe_engine=engine
+            settings=settings, nc=nc, js=js, topology=topology, schema=definition.schema, maybe_engine=engine,
+            tracing=traces,
         )
         names = list(await definition.build(server, runtime))
+        service_metrics.watch(js, runtime.consumers)
+        traces.watch(runtime.consumers)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -259,6 +268,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         await server.start()
         for consumer in runtime.consumers:
             await consumer.start()
+        metrics_url = await service_metrics.serve(settings.metrics_listen, settings.metrics_required)
         # What start-up allocated lives as long as the process: keep the collector from scanning
         # it again and again (shorter pauses on the request path).
         gc.collect()
@@ -266,8 +276,9 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = settings.grpc_listen.rsplit(":", 1)[0]
-        log.info("service_started", grpc=f"{host}:{port}", namespace=settings.namespace, **runtime.endpoints)
-        yield Running(port=port, runtime=runtime, server=server, health=health_servicer)
+        log.info("service_started", grpc=f"{host}:{port}", namespace=settings.namespace, metrics=metrics_url,
+                 **runtime.endpoints)
+        yield Running(port=port, runtime=runtime, server=server, health=health_servicer, metrics_url=metrics_url)
     finally:
         # Reverse order: stop taking RPCs, finish (or nak) the batches in hand, then disconnect.
         await health_servicer.enter_graceful_shutdown()
@@ -275,11 +286,16 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         if runtime is not None:
             for stop in runtime.on_stop:
                 await stop()
-            await asyncio.gather(*(c.stop() for c in runtime.consumers))
+            # A consumer that died re-raises its error here (already reported): the rest of the
+            # shutdown must still run, e.g. the activation sender finishing the message in hand.
+            await asyncio.gather(*(c.stop() for c in runtime.consumers), return_exceptions=True)
             for task in runtime.background:
                 task.cancel()
             await asyncio.gather(*runtime.background, return_exceptions=True)
             await runtime.publisher.close()
+        await service_metrics.stop()
+        # After the consumers stopped: their last spans are exported too.
+        await traces.shutdown()
         with contextlib.suppress(Exception):
             await nc.drain()
         if engine is not None:
@@ -357,6 +373,8 @@ def run(definition: ServiceDefinition) -> None:
         sys.exit(f"cdp-{definition.name}: {error}")
     logs.configure(definition.name, settings.log_level)
     try:
+        if workers > 1:
+            metrics.share_between_processes()
         children = _start_workers(workers)
     except SettingsError as error:
         sys.exit(f"cdp-{definition.name}: {error}")

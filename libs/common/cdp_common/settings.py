@@ -35,6 +35,12 @@ def optional_int(name: str, default: int, environ: Mapping[str, str] | None = No
 
 _NAMESPACE = re.compile(r"^[a-z][a-z0-9]{0,30}$")
 
+# Where each service serves Prometheus metrics unless CDP_METRICS_LISTEN says otherwise: 9101-9106,
+# in the order of their gRPC ports 50051-50056.
+METRICS_PORTS = {
+    "ingest": 9101, "identity": 9102, "profile": 9103, "segmentation": 9104, "activation": 9105, "dmp-bridge": 9106,
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -48,6 +54,10 @@ class Settings:
     log_level: str
     # Copies of each stream in a NATS cluster: 1 locally, 3 in production.
     stream_replicas: int = 1
+    # host:port of the Prometheus /metrics endpoint; empty: none.
+    metrics_listen: str = ""
+    # Set explicitly (CDP_METRICS_LISTEN), so a port in use stops the service; a busy default does not.
+    metrics_required: bool = False
 
     @classmethod
     def from_env(
@@ -71,6 +81,8 @@ class Settings:
             namespace=namespace,
             log_level=optional("CDP_LOG_LEVEL", "info", environ).lower(),
             stream_replicas=_replicas(optional_int("CDP_STREAM_REPLICAS", 1, environ)),
+            metrics_listen=_metrics_listen(service, environ),
+            metrics_required=optional("CDP_METRICS_LISTEN", "0", environ) != "0",
         )
 
 
@@ -78,6 +90,15 @@ def _replicas(value: int) -> int:
     if not 1 <= value <= 5:
         raise SettingsError(f"environment variable CDP_STREAM_REPLICAS must be 1 to 5, got {value}")
     return value
+
+
+def _metrics_listen(service: str, environ: Mapping[str, str] | None) -> str:
+    """CDP_METRICS_LISTEN, `0` to serve no metrics."""
+    default = f"127.0.0.1:{METRICS_PORTS[service]}" if service in METRICS_PORTS else "0"
+    if optional("CDP_METRICS_LISTEN", default, environ) == "0":
+        return ""
+    host, port = listen_address("CDP_METRICS_LISTEN", default, environ)
+    return f"{host}:{port}"
 
 
 def listen_address(name: str, default: str, environ: Mapping[str, str] | None = None) -> tuple[str, int]:

@@ -9,7 +9,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp.dmp.v1 import dmp_pb2, dmp_pb2_grpc
-from cdp_common import convert, eventlog
+from cdp_common import convert, eventlog, tracing
 from cdp_common.service import correlation_id
 from cdp_dmp import core, store
 
@@ -47,7 +47,8 @@ class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[
             done = await store.already_imported(conn, platform, [c.conversion_id for c in conversions])
             matched = await store.known_hashes(conn, [c.email_sha256 for c in conversions])
         fresh = [c for c in conversions if c.conversion_id not in done]
-        outgoing = [self._event(platform, c) for c in fresh]
+        trace = tracing.grpc_trace(context)
+        outgoing = [self._event(platform, c, trace) for c in fresh]
         try:
             stored = await self._publisher.publish_events(outgoing) if outgoing else []
         except eventlog.LOG_UNAVAILABLE:
@@ -66,7 +67,7 @@ class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[
             matched=sum(1 for c in conversions if c.email_sha256 in matched),
         )
 
-    def _event(self, platform: str, conversion: core.Conversion) -> eventlog.Outgoing:
+    def _event(self, platform: str, conversion: core.Conversion, trace: tracing.Trace) -> eventlog.Outgoing:
         event = eventlog.new_event(
             "track",
             event_id=eventlog.derived_id(f"{platform}:{conversion.conversion_id}", "conversion"),
@@ -74,6 +75,7 @@ class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[
         )
         event.name = conversion.event
         event.correlation_id = correlation_id()
+        tracing.stamp(event, trace)
         event.occurred_at.CopyFrom(eventlog.timestamp(conversion.occurred_at))
         event.identifiers.custom["email_sha256"] = conversion.email_sha256
         event.properties.CopyFrom(

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog, identifiers
+from cdp_common import convert, eventlog, identifiers, tracing
 from cdp_common.service import correlation_id
 from cdp_identity import core, handlers, store
 
@@ -110,7 +110,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
         refusal = core.merge_refusal(known[request.survivor_id], [known[p] for p in others], eventlog.now(), self._rules)
         if refusal:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
-        command = self._command("merge_requested")
+        command = self._command("merge_requested", context)
         command.profile_id = request.survivor_id
         command.merge_requested.survivor_id = request.survivor_id
         command.merge_requested.profile_ids.extend(others)
@@ -136,7 +136,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
         refusal = core.split_refusal(known[request.profile_id], keys)
         if refusal:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
-        command = self._command("split_requested")
+        command = self._command("split_requested", context)
         command.profile_id = request.profile_id
         command.split_requested.profile_id = request.profile_id
         for id_type, value in keys:
@@ -150,9 +150,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.ABORTED, "the profile changed meanwhile; the split was refused")
         return identity_pb2.SplitResponse(source=_graph(source), split_off=_graph(split_off))
 
-    def _command(self, kind: str) -> event_pb2.Event:
+    def _command(self, kind: str, context: grpc.aio.ServicerContext) -> event_pb2.Event:
         command = eventlog.new_event(kind, event_id=str(uuid.uuid4()), source="identity-operator")
         command.correlation_id = correlation_id()
+        tracing.stamp(command, tracing.grpc_trace(context))
         return command
 
     async def _append_and_wait(self, command: event_pb2.Event, context: grpc.aio.ServicerContext) -> None:

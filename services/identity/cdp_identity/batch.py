@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog, identifiers
+from cdp_common import convert, db, eventlog, identifiers
 from cdp_common.consumer import BatchHandler, Handler, PermanentError
 from cdp_identity import core, store
 
@@ -142,27 +142,6 @@ async def _write(conn: AsyncConnection, w: _Working) -> None:
         )
 
 
-class _Statistics:
-    """Keeps the planner's statistics of the graph in step with its growth.
-
-    A fresh graph has none until autovacuum gets to it (a minute or more), and without them the
-    planner scans whole tables: a batch's look-ups took 10x longer on a new database. So the
-    graph is analysed once it has doubled since the last time (at least 1,000 new profiles).
-    """
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.created = 0
-
-    async def grew(self, conn: AsyncConnection, created: int) -> None:
-        self.created += created
-        if self.created < max(1000, self.rows):
-            return
-        await conn.execute(text("ANALYZE identity.profiles, identity.identifiers"))
-        rows = await conn.execute(text("SELECT reltuples FROM pg_class WHERE oid = 'identity.profiles'::regclass"))
-        self.rows, self.created = max(0, int(rows.scalar_one())), 0
-
-
 def event_time(event: event_pb2.Event) -> datetime:
     return convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now()
 
@@ -177,7 +156,7 @@ Resolved = Callable[[event_pb2.Event, core.Decision, Sequence[core.Key]], Sequen
 
 async def resolve_events(
     conn: AsyncConnection, events: Sequence[event_pb2.Event], rules: core.Rules, resolved: Resolved,
-    statistics: _Statistics | None = None,
+    statistics: db.Statistics | None = None,
 ) -> list[eventlog.Outgoing]:
     """Resolves events in order, each seeing the decisions before it, and writes the result."""
     per_event = []
@@ -213,7 +192,7 @@ async def merge(
 
 
 def make_batch_handler(rules: core.Rules, one_by_one: Handler, resolved: Resolved) -> BatchHandler:
-    statistics = _Statistics()
+    statistics = db.Statistics(["identity.profiles", "identity.identifiers"])
 
     async def handle(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
         out: list[eventlog.Outgoing] = []

@@ -13,7 +13,9 @@ from cdp_common import eventlog, identifiers
 from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler
 from cdp_identity import batch, core, store
 
-SPEC = ConsumerSpec(durable="identity-resolve", area="collected")
+# Larger batches than the default: a batch's dozen statements and its pull request are shared by
+# more events (bench/identity.py: about 10% less CPU per event, in identity and in PostgreSQL).
+SPEC = ConsumerSpec(durable="identity-resolve", area="collected", batch=500, max_ack_pending=1000)
 
 log = structlog.get_logger("cdp.identity")
 

@@ -12,7 +12,7 @@ import structlog
 from google.protobuf.message import Message
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from cdp_common import convert
+from cdp_common import convert, tracing
 from cdp_common.service import correlation_id
 from cdp_ingest import core
 from cdp_ingest.ingestor import INVALID, OK, Ingestor, Result, WriteKeys
@@ -89,7 +89,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             item: core.Incoming | core.InvalidField = to_incoming(kind, request, self._keys.open)
         except core.InvalidField as error:
             item = error
-        [result] = await self._ingestor.ingest([item], source=source, correlation_id=correlation_id())
+        [result] = await self._ingestor.ingest(
+            [item], source=source, correlation_id=correlation_id(), trace=tracing.grpc_trace(context)
+        )
         if result.outcome == INVALID:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
         if result.outcome != OK:
@@ -124,7 +126,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"items: more than {core.MAX_BATCH_EVENTS} events in one batch"
             )
-        results = await self._store(request.items, source)
+        results = await self._store(request.items, source, tracing.grpc_trace(context))
         stored = sum(1 for r in results if r.outcome == OK)
         log.info("batch_collected", events=len(results), stored=stored)
         return ingest_pb2.BatchResponse(
@@ -135,20 +137,23 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         self, request_iterator: AsyncIterator[ingest_pb2.BatchItem], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ingest_pb2.ItemResult]:
         source = await self._source(context)
+        trace = tracing.grpc_trace(context)
         chunk: list[ingest_pb2.BatchItem] = []
         offset = 0
         async for item in request_iterator:
             chunk.append(item)
             if len(chunk) >= IMPORT_CHUNK:
-                for result in await self._store(chunk, source, offset):
+                for result in await self._store(chunk, source, trace, offset):
                     yield _item_result(result)
                 offset += len(chunk)
                 chunk = []
         if chunk:
-            for result in await self._store(chunk, source, offset):
+            for result in await self._store(chunk, source, trace, offset):
                 yield _item_result(result)
 
-    async def _store(self, items: Sequence[ingest_pb2.BatchItem], source: str, offset: int = 0) -> list[Result]:
+    async def _store(
+        self, items: Sequence[ingest_pb2.BatchItem], source: str, trace: tracing.Trace, offset: int = 0
+    ) -> list[Result]:
         incoming: list[core.Incoming | core.InvalidField] = []
         for item in items:
             kind = item.WhichOneof("kind")
@@ -160,5 +165,5 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
                 )
             except core.InvalidField as error:
                 incoming.append(error)
-        results = await self._ingestor.ingest(incoming, source=source, correlation_id=correlation_id())
+        results = await self._ingestor.ingest(incoming, source=source, correlation_id=correlation_id(), trace=trace)
         return [replace(r, index=r.index + offset) for r in results] if offset else results

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from cdp_common import tracing
 from cdp_ingest import core
 from cdp_ingest.ingestor import INVALID, OK, Ingestor, Result, WriteKeys
 
@@ -40,8 +42,8 @@ class Collector:
         self._ingestor = ingestor
         self._keys = keys
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=core.MAX_BATCH_BYTES)
+    def app(self, middlewares: Sequence[Any] = ()) -> web.Application:
+        app = web.Application(client_max_size=core.MAX_BATCH_BYTES, middlewares=middlewares)
         for kind in core.KINDS:
             app.router.add_post(f"/v1/{kind}", self._single(kind))
         app.router.add_post("/v1/batch", self.batch)
@@ -84,7 +86,9 @@ class Collector:
                 item: core.Incoming | core.InvalidField = core.from_segment(payload, kind)
             except core.InvalidField as error:
                 item = error
-            [result] = await self._ingestor.ingest([item], source=source, correlation_id=_correlation(request))
+            [result] = await self._ingestor.ingest(
+                [item], source=source, correlation_id=_correlation(request), trace=tracing.request_trace(request.headers)
+            )
             if result.outcome == INVALID:
                 return _error(400, _message(result))
             if result.outcome != OK:
@@ -117,7 +121,9 @@ class Collector:
                 items.append(core.from_segment(message, batch_sent_at=sent_at))
             except core.InvalidField as error:
                 items.append(error)
-        results = await self._ingestor.ingest(items, source=source, correlation_id=_correlation(request))
+        results = await self._ingestor.ingest(
+            items, source=source, correlation_id=_correlation(request), trace=tracing.request_trace(request.headers)
+        )
         if any(r.outcome not in (OK, INVALID) for r in results):
             return _unavailable(next(r.error for r in results if r.outcome not in (OK, INVALID)))
         rejected = [{"index": r.index, "messageId": r.event_id, "error": _message(r)} for r in results

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cdp.v1 import event_pb2
 
-from cdp_common import convert, eventlog
+from cdp_common import convert, eventlog, tracing
 from cdp_common.settings import SettingsError
 from cdp_ingest import core
 
@@ -119,11 +119,13 @@ class Ingestor:
         self._topology = topology
 
     async def ingest(
-        self, items: Sequence[core.Incoming | core.InvalidField], *, source: str, correlation_id: str
+        self, items: Sequence[core.Incoming | core.InvalidField], *, source: str, correlation_id: str,
+        trace: tracing.Trace = tracing.NO_TRACE,
     ) -> list[Result]:
         """Stores every valid item (pipelined) and reports each by index; never half-reports.
 
-        `source` is the write key's; an item's own source counts only when keys are open.
+        `source` is the write key's; an item's own source counts only when keys are open. `trace`
+        (the request's trace context) is stamped on every event.
         """
         received_at = eventlog.now()
         received_ts = eventlog.timestamp(received_at)
@@ -135,6 +137,7 @@ class Ingestor:
                     raise item
                 event = build_event(item, received_at=received_at, source=item.source or source,
                                     correlation_id=correlation_id, received_ts=received_ts)
+                tracing.stamp(event, trace)
             except core.InvalidField as error:
                 event_id = item.event_id if isinstance(item, core.Incoming) else ""
                 results[index] = Result(index, event_id, INVALID, str(error), error.field)

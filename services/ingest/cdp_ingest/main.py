@@ -23,7 +23,7 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor, keys), server)
 
     host, port = listen_address("CDP_HTTP_LISTEN", "127.0.0.1:8088")
-    runner = web.AppRunner(Collector(ingestor, keys).app(), access_log=None)
+    runner = web.AppRunner(Collector(ingestor, keys).app(runtime.tracing.http_middlewares), access_log=None)
     await runner.setup()
     # reuse_port: with CDP_WORKERS > 1 every worker process listens on the same port.
     site = web.TCPSite(runner, host, port, reuse_port=True)

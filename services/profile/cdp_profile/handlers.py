@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
-from cdp_common import convert, eventlog, identifiers
+from cdp_common import convert, db, eventlog, identifiers
 from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError
 from cdp_profile import core, scoring, store
 from cdp_profile.messages import changed_event
@@ -92,6 +92,8 @@ def make_handlers(
     """The per-event handler, and the batch handler the consumer tries first. `publish=False`
     (a rebuild: the facts were published already) skips building profile_changed events."""
     models_cache = cache or ModelsCache()
+    # Counted in timeline rows; unqualified names: the live schema, or the one a rebuild fills.
+    statistics = db.Statistics(["events", "profiles", "identifiers"], first=2000)
 
     async def rescored(
         conn: AsyncConnection, states: Sequence[core.ProfileState], before: Mapping[str, core.ProfileState] = EMPTY
@@ -118,6 +120,7 @@ def make_handlers(
         placed = [r if where[r.profile_id] == r.profile_id else replace(r, profile_id=where[r.profile_id])
                   for r in rows.values()]
         fresh = await store.record_events(conn, placed)
+        await statistics.grew(conn, len(fresh))
         by_profile: dict[str, list[store.Recorded]] = {}
         for row in placed:
             if row.event_id in fresh:

@@ -260,24 +260,35 @@ async def save_many(
     conn: AsyncConnection, states: Sequence[ProfileState], previous: Mapping[str, ProfileState],
     scores_of: Sequence[str] | None = None,
 ) -> None:
-    """Writes whole profiles and their new identifiers; the scores too, of all or of `scores_of`
-    (scores with their reasons are the bulk of a row: most events do not change them)."""
+    """Writes whole profiles and their new identifiers, in one statement each; the scores too, of all
+    or of `scores_of` (scores with their reasons are the bulk of a row: most events do not change
+    them, and the others keep the stored ones, which the scoring job may have moved meanwhile)."""
     if not states:
         return
     scored = {s.profile_id for s in states} if scores_of is None else set(scores_of)
-    whole = len(scored) == len(states)
-    columns = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS, *(_SCORE_COLUMNS if whole else ()))
-    names, select, params = _rows(columns, states)
-    updates = ", ".join(f"{c[0]} = EXCLUDED.{c[0]}" for c in columns[1:])
+    state_only = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS)
+    columns = (*state_only, *_SCORE_COLUMNS)
+    names = ", ".join(c[0] for c in columns)
+    rows = convert.to_json([
+        {name: value(s) for name, value in (columns if s.profile_id in scored else state_only)} for s in states
+    ])
+    # A row without scores keeps the stored ones (JSON null marks it: the column is NOT NULL, and
+    # PostgreSQL checks that before it finds the conflict); a new profile always comes scored.
+    kept = "EXCLUDED.scores = 'null'::jsonb"
+    updates = ", ".join([
+        *(f"{c} = EXCLUDED.{c}" for c, _ in _STATE_COLUMNS),
+        *(f"{c} = CASE WHEN {kept} THEN p.{c} ELSE EXCLUDED.{c} END" for c, _ in _SCORE_COLUMNS),
+    ])
+    not_null = {"scores": "'null'::jsonb", "frequency_falling": "false"}
+    select = ", ".join(f"COALESCE({c}, {not_null[c]})" if c in not_null else c for c, _ in columns)
     await conn.execute(
         text(
-            f"INSERT INTO profiles ({names}) {select} "
+            f"INSERT INTO profiles AS p ({names}) SELECT {select} "
+            "FROM json_populate_recordset(NULL::profiles, CAST(:rows AS json)) "
             f"ON CONFLICT (profile_id) DO UPDATE SET {updates}, updated_at = now()"
         ),
-        params,
+        {"rows": rows},
     )
-    if not whole:
-        await save_scores(conn, [s for s in states if s.profile_id in scored])
     # One row per identifier even if two profiles of the batch claim it (identity decides; the last wins).
     added = list({
         key: s.profile_id for s in states
