@@ -15,22 +15,39 @@ IDENTITIES = ConsumerSpec(durable="dmp-identities", area="profile")
 AUDIENCES = ConsumerSpec(durable="dmp-audiences", area="segment")
 
 
+async def on_profiles(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
+    """Hashed emails of changed profiles, in log order: between two merges, a hash goes to the
+    profile that carried it last (one statement); a merged-away profile's are forgotten."""
+    owners: dict[str, str] = {}
+    for event in events:
+        if event.type != "profile_changed":
+            continue
+        change = event.profile_changed
+        if change.merged_into:
+            await store.set_owners(conn, owners)
+            owners = {}
+            await store.forget_profile(conn, change.profile.profile_id)
+            continue
+        for identifier in change.profile.identifiers:
+            if identifier.type == "email_sha256":
+                owners[identifier.value] = change.profile.profile_id
+    await store.set_owners(conn, owners)
+    return []
+
+
 async def on_profile(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-    if event.type != "profile_changed":
-        return []
-    change = event.profile_changed
-    if change.merged_into:
-        await store.forget_profile(conn, change.profile.profile_id)
-        return []
-    hashes = [i.value for i in change.profile.identifiers if i.type == "email_sha256"]
-    if hashes:
-        await store.set_hashes(conn, change.profile.profile_id, hashes)
+    return await on_profiles(conn, [event])
+
+
+async def on_memberships(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
+    """Audience members: each (segment, profile) as its last entry or exit in the batch left it."""
+    member: dict[tuple[str, str], bool] = {}
+    for event in events:
+        if event.type in ("segment_entered", "segment_exited"):
+            member[(event.membership.segment_id, event.membership.profile.profile_id)] = event.type == "segment_entered"
+    await store.set_members(conn, member)
     return []
 
 
 async def on_membership(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-    if event.type in ("segment_entered", "segment_exited"):
-        await store.set_member(
-            conn, event.membership.segment_id, event.membership.profile.profile_id, event.type == "segment_entered"
-        )
-    return []
+    return await on_memberships(conn, [event])

@@ -16,8 +16,8 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     dmp_pb2_grpc.add_DmpBridgeServiceServicer_to_server(
         DmpBridgeServicer(runtime.engine, runtime.publisher, runtime.topology), server
     )
-    runtime.consumer(handlers.IDENTITIES, handlers.on_profile)
-    runtime.consumer(handlers.AUDIENCES, handlers.on_membership)
+    runtime.consumer(handlers.IDENTITIES, handlers.on_profile, handlers.on_profiles)
+    runtime.consumer(handlers.AUDIENCES, handlers.on_membership, handlers.on_memberships)
     return [dmp_pb2.DESCRIPTOR.services_by_name["DmpBridgeService"].full_name]
 
 

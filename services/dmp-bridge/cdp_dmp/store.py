@@ -27,14 +27,17 @@ MIGRATIONS = (
 )
 
 
-async def set_hashes(conn: AsyncConnection, profile_id: str, hashes: Sequence[str]) -> None:
-    await conn.execute(
-        text(
-            "INSERT INTO dmp.hashed_emails (email_sha256, profile_id) SELECT h, :p FROM unnest(CAST(:hs AS text[])) h "
-            "ON CONFLICT (email_sha256) DO UPDATE SET profile_id = EXCLUDED.profile_id"
-        ),
-        {"p": profile_id, "hs": list(hashes)},
-    )
+async def set_owners(conn: AsyncConnection, owners: dict[str, str]) -> None:
+    """Which profile each hashed email belongs to (one statement)."""
+    if owners:
+        await conn.execute(
+            text(
+                "INSERT INTO dmp.hashed_emails (email_sha256, profile_id) "
+                "SELECT * FROM unnest(CAST(:hs AS text[]), CAST(:ps AS text[])) "
+                "ON CONFLICT (email_sha256) DO UPDATE SET profile_id = EXCLUDED.profile_id"
+            ),
+            {"hs": list(owners), "ps": list(owners.values())},
+        )
 
 
 async def forget_profile(conn: AsyncConnection, profile_id: str) -> None:
@@ -42,12 +45,17 @@ async def forget_profile(conn: AsyncConnection, profile_id: str) -> None:
     await conn.execute(text("DELETE FROM dmp.audience_members WHERE profile_id = :p"), {"p": profile_id})
 
 
-async def set_member(conn: AsyncConnection, segment_id: str, profile_id: str, member: bool) -> None:
-    if member:
-        statement = "INSERT INTO dmp.audience_members VALUES (:s, :p) ON CONFLICT DO NOTHING"
-    else:
-        statement = "DELETE FROM dmp.audience_members WHERE segment_id = :s AND profile_id = :p"
-    await conn.execute(text(statement), {"s": segment_id, "p": profile_id})
+async def set_members(conn: AsyncConnection, member: dict[tuple[str, str], bool]) -> None:
+    """(segment, profile) pairs in (True) or out of (False) the segment's audience."""
+    for wanted, statement in (
+        (True, "INSERT INTO dmp.audience_members SELECT * FROM unnest(CAST(:s AS text[]), CAST(:p AS text[])) "
+               "ON CONFLICT DO NOTHING"),
+        (False, "DELETE FROM dmp.audience_members m USING unnest(CAST(:s AS text[]), CAST(:p AS text[])) "
+                "AS d(s, p) WHERE m.segment_id = d.s AND m.profile_id = d.p"),
+    ):
+        pairs = [pair for pair, inside in member.items() if inside is wanted]
+        if pairs:
+            await conn.execute(text(statement), {"s": [s for s, _ in pairs], "p": [p for _, p in pairs]})
 
 
 async def audience_hashes(conn: AsyncConnection, segment_id: str) -> list[str]:

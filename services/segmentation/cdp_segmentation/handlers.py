@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, eventlog
-from cdp_common.consumer import ConsumerSpec, Handler
+from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler
 from cdp_segmentation import core, store
 
 SPEC = ConsumerSpec(durable="segmentation-evaluate", area="profile")
@@ -86,38 +86,67 @@ def membership_event(
     return eventlog.Outgoing(topology.keyed("segment", profile.profile_id, kind), event)
 
 
-def make_handler(topology: eventlog.Topology) -> Handler:
-    async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        if event.type != "profile_changed":
+def make_handlers(topology: eventlog.Topology) -> tuple[Handler, BatchHandler]:
+    """The per-event handler, and the batch handler the consumer tries first: one path, which
+    evaluates the batch's changes in log order in memory and writes the outcome in a few statements."""
+
+    async def apply(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
+        changes = [e for e in events if e.type == "profile_changed"]
+        if not changes:
             return []
-        change = event.profile_changed
-        profile_id = change.profile.profile_id
         await store.lock(conn)
         segments = {s.segment_id: s for s in await store.segments(conn)}
-        current = await store.memberships_of(conn, profile_id)
+        before = await store.memberships_of(conn, sorted({e.profile_changed.profile.profile_id for e in changes}))
+        current = {p: set(held) for p, held in before.items()}
+        # Each profile's facts as of its last change (None: merged away); pairs that left a segment.
+        final: dict[str, tuple[dict[str, Any], bytes] | None] = {}
+        left: set[tuple[str, str]] = set()
         out: list[eventlog.Outgoing] = []
-        if change.merged_into:
-            # A merged-away profile no longer exists on its own: it leaves every segment.
-            await store.delete_profile(conn, profile_id)
-            for segment_id in sorted(current):
-                await store.exit_(conn, segment_id, [profile_id])
-                if segment_id in segments:
-                    out.append(membership_event(topology, event.id, "exited", segments[segment_id], change.profile, event))
-            return out
-        profile_facts = facts(change.profile)
-        await store.upsert_profile(conn, profile_id, profile_facts, change.profile.SerializeToString())
         now = eventlog.now()
-        for segment in segments.values():
-            inside = core.matches(segment, profile_facts, now)
-            if inside and segment.segment_id not in current:
-                await store.enter(conn, segment.segment_id, [profile_id])
-                out.append(membership_event(topology, event.id, "entered", segment, change.profile, event))
-            elif not inside and segment.segment_id in current:
-                await store.exit_(conn, segment.segment_id, [profile_id])
-                out.append(membership_event(topology, event.id, "exited", segment, change.profile, event))
+        for event in changes:
+            change = event.profile_changed
+            profile_id = change.profile.profile_id
+            inside = current.setdefault(profile_id, set())
+            if change.merged_into:
+                # A merged-away profile no longer exists on its own: it leaves every segment.
+                final[profile_id] = None
+                for segment_id in sorted(inside):
+                    left.add((segment_id, profile_id))
+                    if segment_id in segments:
+                        out.append(membership_event(topology, event.id, "exited", segments[segment_id],
+                                                    change.profile, event))
+                inside.clear()
+                continue
+            profile_facts = facts(change.profile)
+            final[profile_id] = (profile_facts, change.profile.SerializeToString())
+            for segment in segments.values():
+                matches = core.matches(segment, profile_facts, now)
+                if matches and segment.segment_id not in inside:
+                    inside.add(segment.segment_id)
+                    out.append(membership_event(topology, event.id, "entered", segment, change.profile, event))
+                elif not matches and segment.segment_id in inside:
+                    inside.discard(segment.segment_id)
+                    left.add((segment.segment_id, profile_id))
+                    out.append(membership_event(topology, event.id, "exited", segment, change.profile, event))
+        await store.save_profiles(conn, {p: f for p, f in final.items() if f is not None})
+        await store.delete_profiles(conn, [p for p, f in final.items() if f is None])
+        # A pair that left and came back within the batch is deleted and inserted again (entered anew).
+        await store.exit_pairs(conn, sorted(left))
+        await store.enter_pairs(conn, sorted(
+            (segment_id, p) for p, inside in current.items() for segment_id in inside
+            if segment_id not in before.get(p, ()) or (segment_id, p) in left
+        ))
         return out
 
-    return handle
+    async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        return await apply(conn, [event])
+
+    return handle, apply
+
+
+def make_handler(topology: eventlog.Topology) -> Handler:
+    """The per-event handler (tests drive it directly)."""
+    return make_handlers(topology)[0]
 
 
 async def evaluate_segment(

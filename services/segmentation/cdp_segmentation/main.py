@@ -15,7 +15,8 @@ from cdp_segmentation.api import SegmentationServicer
 async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     servicer = SegmentationServicer(runtime.engine, runtime.outbox, runtime.topology)
     segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
-    runtime.consumer(handlers.SPEC, handlers.make_handler(runtime.topology))
+    one_by_one, whole_batch = handlers.make_handlers(runtime.topology)
+    runtime.consumer(handlers.SPEC, one_by_one, whole_batch)
     return [segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name]
 
 

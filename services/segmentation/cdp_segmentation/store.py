@@ -57,19 +57,26 @@ async def put_segment(conn: AsyncConnection, segment: Segment) -> None:
     )
 
 
-async def upsert_profile(conn: AsyncConnection, profile_id: str, facts: dict[str, Any], snapshot: bytes) -> None:
+async def save_profiles(conn: AsyncConnection, profiles: dict[str, tuple[dict[str, Any], bytes]]) -> None:
+    """Each profile's facts and snapshot, in one statement."""
+    if not profiles:
+        return
+    ids = list(profiles)
     await conn.execute(
         text(
-            "INSERT INTO segmentation.profiles (profile_id, facts, snapshot) VALUES (:p, CAST(:f AS jsonb), :s) "
+            "INSERT INTO segmentation.profiles (profile_id, facts, snapshot) "
+            "SELECT * FROM unnest(CAST(:p AS text[]), CAST(:f AS jsonb[]), CAST(:s AS bytea[])) "
             "ON CONFLICT (profile_id) DO UPDATE SET facts = EXCLUDED.facts, snapshot = EXCLUDED.snapshot"
         ),
         # NaN and infinity (legal in a profile's Struct traits) become null: jsonb refuses them.
-        {"p": profile_id, "f": convert.to_json(facts), "s": snapshot},
+        {"p": ids, "f": [convert.to_json(profiles[p][0]) for p in ids], "s": [profiles[p][1] for p in ids]},
     )
 
 
-async def delete_profile(conn: AsyncConnection, profile_id: str) -> None:
-    await conn.execute(text("DELETE FROM segmentation.profiles WHERE profile_id = :p"), {"p": profile_id})
+async def delete_profiles(conn: AsyncConnection, profile_ids: Sequence[str]) -> None:
+    if profile_ids:
+        await conn.execute(text("DELETE FROM segmentation.profiles WHERE profile_id = ANY(:p)"),
+                           {"p": list(profile_ids)})
 
 
 async def profiles(conn: AsyncConnection) -> list[tuple[str, dict[str, Any], bytes]]:
@@ -77,11 +84,16 @@ async def profiles(conn: AsyncConnection) -> list[tuple[str, dict[str, Any], byt
     return [(r.profile_id, r.facts, bytes(r.snapshot)) for r in rows]
 
 
-async def memberships_of(conn: AsyncConnection, profile_id: str) -> set[str]:
+async def memberships_of(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, set[str]]:
+    """The segments each of these profiles is in (only profiles in at least one)."""
     rows = await conn.execute(
-        text("SELECT segment_id FROM segmentation.memberships WHERE profile_id = :p"), {"p": profile_id}
+        text("SELECT profile_id, segment_id FROM segmentation.memberships WHERE profile_id = ANY(:p)"),
+        {"p": list(profile_ids)},
     )
-    return set(rows.scalars())
+    held: dict[str, set[str]] = {}
+    for r in rows:
+        held.setdefault(r.profile_id, set()).add(r.segment_id)
+    return held
 
 
 async def members(conn: AsyncConnection, segment_id: str) -> set[str]:
@@ -113,3 +125,27 @@ async def sizes(conn: AsyncConnection) -> dict[str, int]:
         text("SELECT segment_id, count(*) AS n FROM segmentation.memberships GROUP BY segment_id")
     )
     return {r.segment_id: int(r.n) for r in rows}
+
+
+async def enter_pairs(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> None:
+    """(segment, profile) memberships, in one statement."""
+    if pairs:
+        await conn.execute(
+            text(
+                "INSERT INTO segmentation.memberships (segment_id, profile_id) "
+                "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:p AS text[])) ON CONFLICT DO NOTHING"
+            ),
+            {"s": [s for s, _ in pairs], "p": [p for _, p in pairs]},
+        )
+
+
+async def exit_pairs(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> None:
+    if pairs:
+        await conn.execute(
+            text(
+                "DELETE FROM segmentation.memberships m USING unnest(CAST(:s AS text[]), CAST(:p AS text[])) "
+                "AS d(s, p) WHERE m.segment_id = d.s AND m.profile_id = d.p"
+            ),
+            {"s": [s for s, _ in pairs], "p": [p for _, p in pairs]},
+        )
+
