@@ -85,3 +85,29 @@ async def test_a_batch_applies_as_its_events_one_by_one(database_url: str) -> No
             assert expected[0]
     finally:
         await engine.dispose()
+
+
+async def test_a_snapshot_older_than_the_stored_one_is_ignored(database_url: str) -> None:
+    """Profile's scoring job and its projection both publish snapshots; the older of two arriving
+    last must not take the profile back out of a segment (and send the entry's email again later)."""
+    engine = db.create_engine(database_url, pool_size=1)
+    one_by_one, whole_batch = handlers.make_handlers(TOPOLOGY)
+    newer, older = change(1, "p1", 2, 150.0), change(2, "p1", 0, 0.0)
+    newer.profile_changed.profile.updated_at.FromSeconds(2_000_000_000)
+    older.profile_changed.profile.updated_at.FromSeconds(1_999_999_999)
+    try:
+        for apply in ("one by one", "batched"):
+            await fresh(engine)
+            async with engine.begin() as conn:
+                if apply == "batched":
+                    out = await whole_batch(conn, [newer, older])
+                else:
+                    out = [*await one_by_one(conn, newer), *await one_by_one(conn, older)]
+            assert [(o.event.type, o.event.membership.segment_id) for o in out] == [
+                ("segment_entered", "big"), ("segment_entered", "buyers")]
+            pairs, profiles = await outcome(engine)
+            assert pairs == {("big", "p1"), ("buyers", "p1")}
+            assert profiles == {"p1": newer.profile_changed.profile.SerializeToString()}
+    finally:
+        await engine.dispose()
+

@@ -96,10 +96,14 @@ def make_handlers(topology: eventlog.Topology) -> tuple[Handler, BatchHandler]:
             return []
         await store.lock(conn)
         segments = {s.segment_id: s for s in await store.segments(conn)}
-        before = await store.memberships_of(conn, sorted({e.profile_changed.profile.profile_id for e in changes}))
+        ids = sorted({e.profile_changed.profile.profile_id for e in changes})
+        before = await store.memberships_of(conn, ids)
         current = {p: set(held) for p, held in before.items()}
+        # Profile publishes a snapshot from two places (the projection, the scoring job), and an
+        # older one can arrive after a newer one: it is ignored, as if it had come first.
+        latest = await store.snapshot_times(conn, ids)
         # Each profile's facts as of its last change (None: merged away); pairs that left a segment.
-        final: dict[str, tuple[dict[str, Any], bytes] | None] = {}
+        final: dict[str, tuple[dict[str, Any], bytes, datetime | None] | None] = {}
         left: set[tuple[str, str]] = set()
         out: list[eventlog.Outgoing] = []
         now = eventlog.now()
@@ -110,6 +114,7 @@ def make_handlers(topology: eventlog.Topology) -> tuple[Handler, BatchHandler]:
             if change.merged_into:
                 # A merged-away profile no longer exists on its own: it leaves every segment.
                 final[profile_id] = None
+                latest.pop(profile_id, None)
                 for segment_id in sorted(inside):
                     left.add((segment_id, profile_id))
                     if segment_id in segments:
@@ -117,8 +122,13 @@ def make_handlers(topology: eventlog.Topology) -> tuple[Handler, BatchHandler]:
                                                     change.profile, event))
                 inside.clear()
                 continue
+            built = convert.to_datetime(change.profile.updated_at)
+            if built is not None and profile_id in latest and built < latest[profile_id]:
+                continue
+            if built is not None:
+                latest[profile_id] = built
             profile_facts = facts(change.profile)
-            final[profile_id] = (profile_facts, change.profile.SerializeToString())
+            final[profile_id] = (profile_facts, change.profile.SerializeToString(), built)
             for segment in segments.values():
                 matches = core.matches(segment, profile_facts, now)
                 if matches and segment.segment_id not in inside:

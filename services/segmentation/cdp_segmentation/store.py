@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -29,6 +30,8 @@ MIGRATIONS = (
             PRIMARY KEY (segment_id, profile_id))""",
         "CREATE INDEX memberships_profile ON segmentation.memberships (profile_id)",
     ),
+    # When profile built the stored snapshot: an older one arriving later is ignored.
+    ("ALTER TABLE segmentation.profiles ADD COLUMN snapshot_at timestamptz",),
 )
 
 
@@ -57,20 +60,35 @@ async def put_segment(conn: AsyncConnection, segment: Segment) -> None:
     )
 
 
-async def save_profiles(conn: AsyncConnection, profiles: dict[str, tuple[dict[str, Any], bytes]]) -> None:
-    """Each profile's facts and snapshot, in one statement."""
+async def save_profiles(
+    conn: AsyncConnection, profiles: dict[str, tuple[dict[str, Any], bytes, datetime | None]]
+) -> None:
+    """Each profile's facts, snapshot and when profile built it, in one statement."""
     if not profiles:
         return
     ids = list(profiles)
     await conn.execute(
         text(
-            "INSERT INTO segmentation.profiles (profile_id, facts, snapshot) "
-            "SELECT * FROM unnest(CAST(:p AS text[]), CAST(:f AS jsonb[]), CAST(:s AS bytea[])) "
-            "ON CONFLICT (profile_id) DO UPDATE SET facts = EXCLUDED.facts, snapshot = EXCLUDED.snapshot"
+            "INSERT INTO segmentation.profiles (profile_id, facts, snapshot, snapshot_at) "
+            "SELECT * FROM unnest(CAST(:p AS text[]), CAST(:f AS jsonb[]), CAST(:s AS bytea[]), "
+            "CAST(:at AS timestamptz[])) "
+            "ON CONFLICT (profile_id) DO UPDATE SET facts = EXCLUDED.facts, snapshot = EXCLUDED.snapshot, "
+            "snapshot_at = EXCLUDED.snapshot_at"
         ),
         # NaN and infinity (legal in a profile's Struct traits) become null: jsonb refuses them.
-        {"p": ids, "f": [convert.to_json(profiles[p][0]) for p in ids], "s": [profiles[p][1] for p in ids]},
+        {"p": ids, "f": [convert.to_json(profiles[p][0]) for p in ids], "s": [profiles[p][1] for p in ids],
+         "at": [profiles[p][2] for p in ids]},
     )
+
+
+async def snapshot_times(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, datetime]:
+    """When profile built each stored snapshot (profiles stored before this was kept: none)."""
+    rows = await conn.execute(
+        text("SELECT profile_id, snapshot_at FROM segmentation.profiles "
+             "WHERE profile_id = ANY(:p) AND snapshot_at IS NOT NULL"),
+        {"p": list(profile_ids)},
+    )
+    return {r.profile_id: r.snapshot_at for r in rows}
 
 
 async def delete_profiles(conn: AsyncConnection, profile_ids: Sequence[str]) -> None:
