@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.v1 import event_pb2
+from cdp_cli.suite import healthy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,11 +76,12 @@ def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     raise AssertionError(f"cdp up exited with {process.returncode}: {process.stderr.read() if process.stderr else ''}")
 
 
-def _stop(process: subprocess.Popen[str], sig: signal.Signals) -> str:
+def _stop(process: subprocess.Popen[str], sig: signal.Signals) -> tuple[str, str]:
+    """Stops `cdp up`; what it printed to stdout and to stderr."""
     process.send_signal(sig)
-    out, _ = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=60)
     assert process.returncode == 0
-    return out
+    return out, err
 
 
 def _profile(address: str, email: str) -> profile_pb2.ProfileSnapshot | None:
@@ -133,11 +135,11 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
         assert replay.returncode == 0, replay.stderr
         assert "now serving from it" in replay.stderr
         time.sleep(2)
-        assert process.poll() is None, "a service exited after the rebuild"
         assert _profile(addresses["profile"], "keep@example.com") is not None
     finally:
-        out = _stop(process, signal.SIGINT)
+        out, err = _stop(process, signal.SIGINT)
     assert "stopped." in out
+    assert "exited" not in err, "a service exited (after the rebuild?)"
     # Every service shut down gracefully (SIGTERM from `cdp`), not killed.
     for name in services:
         lines = (tmp_path / "logs" / f"{name}.log").read_text().splitlines()
@@ -149,6 +151,27 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
         assert kept is not None and ("user_id", "u-keep") in {(i.type, i.value) for i in kept.identifiers}
     finally:
         _stop(process, signal.SIGTERM)
+
+
+def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
+    """kill -9 of a service under `cdp up`: it is started again on the same address, and serves."""
+    process, addresses = _start_up(tmp_path)
+    try:
+        [victim] = [c for c in psutil.Process(process.pid).children(recursive=True)
+                    if "cdp_segmentation" in " ".join(c.cmdline())]
+        victim.kill()
+        victim.wait(10)
+        deadline = time.monotonic() + 60
+        while not healthy(addresses["segmentation"]):
+            assert time.monotonic() < deadline, "segmentation was not started again"
+            time.sleep(0.2)
+        [again] = [c for c in psutil.Process(process.pid).children(recursive=True)
+                   if "cdp_segmentation" in " ".join(c.cmdline())]
+        assert again.pid != victim.pid
+    finally:
+        out, err = _stop(process, signal.SIGTERM)
+    assert "stopped." in out
+    assert "service segmentation exited with code -9; restarting it" in err
 
 
 def test_a_stateless_service_runs_worker_processes_and_stops_them(tmp_path: Path) -> None:

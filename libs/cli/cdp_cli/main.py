@@ -18,6 +18,11 @@ from pathlib import Path
 from cdp_cli import bench, demo, dlq, importer, infra, replay, status, suite
 
 
+# `cdp up` gives up on a service that exits this many times within this many seconds.
+CRASH_LOOP_EXITS = 5
+CRASH_LOOP_SECONDS = 60
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get("CDP_DATA_DIR", ".cdp")).resolve()
 
@@ -36,12 +41,25 @@ def up(data_dir: Path) -> int:
             extra = "".join(f"  {label} {url}" for label, url in service.extra.items())
             print(f"  {service.name:<14} grpc {service.address}{extra}  (logs: {service.log_file})")
         print("Press Ctrl-C to stop.", flush=True)
+        # A service that exits (killed, or on purpose: a consumer whose database session died exits
+        # so that it starts afresh) is started again, as Kubernetes would; one that keeps exiting
+        # (a crash loop, e.g. a bad setting) stops the suite.
+        exits: dict[str, list[float]] = {}
         while not stop.is_set():
             for service in running:
-                if service.process.poll() is not None:
-                    print(f"service {service.name} exited with code {service.process.returncode}; "
-                          f"see {service.log_file}", file=sys.stderr)
+                if service.process.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in exits.get(service.name, []) if now - t < CRASH_LOOP_SECONDS]
+                code = service.process.returncode
+                if len(recent) >= CRASH_LOOP_EXITS:
+                    print(f"service {service.name} exited with code {code} {len(recent) + 1} times within "
+                          f"{CRASH_LOOP_SECONDS} s; stopping. See {service.log_file}", file=sys.stderr)
                     return 1
+                print(f"service {service.name} exited with code {code}; restarting it. See {service.log_file}",
+                      file=sys.stderr, flush=True)
+                exits[service.name] = [*recent, now]
+                suite.restart(service)
             stop.wait(0.5)
         print("stopping...", flush=True)
     print("stopped.")
