@@ -14,8 +14,9 @@ from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler
 from cdp_identity import batch, core, store
 
 # Larger batches than the default: a batch's dozen statements and its pull request are shared by
-# more events (bench/identity.py: about 10% less CPU per event, in identity and in PostgreSQL).
-SPEC = ConsumerSpec(durable="identity-resolve", area="collected", batch=500, max_ack_pending=1000)
+# more events (bench/identity.py, paired runs: 500 took about 10% less CPU per event than 200, in
+# identity and in PostgreSQL, and 1,000 about 8% less than 500).
+SPEC = ConsumerSpec(durable="identity-resolve", area="collected", batch=1000, max_ack_pending=2000)
 
 log = structlog.get_logger("cdp.identity")
 
