@@ -19,12 +19,14 @@ class CallObserver(Protocol):
     def end(self, started: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None: ...
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps every method `observer_for` gives an observer (None: left as it is), once per method."""
+class PerMethodInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps each method's handler once (`wrap`), on its first call; this runs on every call."""
 
-    def __init__(self, observer_for: Callable[[str], CallObserver | None]) -> None:
-        self._observer_for = observer_for
+    def __init__(self) -> None:
         self._wrapped: dict[str, Any] = {}
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        raise NotImplementedError
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         method = details.method
@@ -33,9 +35,20 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler  # an unknown method: not cached, so labels stay bounded
-        observer = self._observer_for(method)
-        self._wrapped[method] = handler if observer is None else _observed(handler, observer)
+        self._wrapped[method] = self.wrap(method, handler)
         return self._wrapped[method]
+
+
+class ObservingInterceptor(PerMethodInterceptor):
+    """Wraps every method `observer_for` gives an observer (None: left as it is)."""
+
+    def __init__(self, observer_for: Callable[[str], CallObserver | None]) -> None:
+        super().__init__()
+        self._observer_for = observer_for
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        observer = self._observer_for(method)
+        return handler if observer is None else _observed(handler, observer)
 
 
 def _observed(handler: Any, observer: CallObserver) -> Any:

@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_common import db, eventlog, logs, metrics, tracing
+from cdp_common import db, eventlog, logs, metrics, rpc, tracing
 from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler
 from cdp_common.settings import Settings, SettingsError, optional_int
 
@@ -105,22 +105,12 @@ class ServiceDefinition:
     build: Callable[[grpc.aio.Server, Runtime], Awaitable[Sequence[str]]]
 
 
-class _CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _CorrelationInterceptor(rpc.PerMethodInterceptor):
     """Binds a correlation id (from `x-correlation-id` metadata, or a new one) to each RPC's logs,
     and parses requests itself: one the parser refuses (e.g. a Struct nested deeper than protobuf's
     depth limit) is INVALID_ARGUMENT, where gRPC's own parsing would answer UNKNOWN."""
 
-    def __init__(self) -> None:
-        # One wrapped handler per method, built once: this runs on every call.
-        self._wrapped: dict[str, Any] = {}
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        method = details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
-        handler = await continuation(details)
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: Any) -> Any:
         parse = _parser(handler.request_deserializer)
         if handler.stream_stream is not None:
             streamed = handler.stream_stream
@@ -133,10 +123,9 @@ class _CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 async for response in streamed(parsed(), context):
                     yield response
 
-            self._wrapped[method] = grpc.stream_stream_rpc_method_handler(
+            return grpc.stream_stream_rpc_method_handler(
                 wrapped_stream, response_serializer=handler.response_serializer
             )
-            return self._wrapped[method]
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
@@ -148,10 +137,7 @@ class _CorrelationInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             with structlog.contextvars.bound_contextvars(rpc=method, correlation_id=str(given or uuid.uuid4())):
                 return await inner(request, context)
 
-        self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-            wrapped, response_serializer=handler.response_serializer
-        )
-        return self._wrapped[method]
+        return grpc.unary_unary_rpc_method_handler(wrapped, response_serializer=handler.response_serializer)
 
 
 def _parser(deserialize: Callable[[bytes], Any] | None) -> Callable[..., Awaitable[Any]]:

@@ -175,6 +175,6 @@ async def evaluate_segment(
         snapshot.ParseFromString(raw)
         (entered if inside else exited).append(profile_id)
         out.append(membership_event(topology, cause_id, "entered" if inside else "exited", segment, snapshot))
-    await store.enter(conn, segment.segment_id, entered)
-    await store.exit_(conn, segment.segment_id, exited)
+    await store.enter_pairs(conn, [(segment.segment_id, p) for p in entered])
+    await store.exit_pairs(conn, [(segment.segment_id, p) for p in exited])
     return out

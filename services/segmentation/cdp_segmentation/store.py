@@ -121,23 +121,6 @@ async def members(conn: AsyncConnection, segment_id: str) -> set[str]:
     return set(rows.scalars())
 
 
-async def enter(conn: AsyncConnection, segment_id: str, profile_ids: Sequence[str]) -> None:
-    await conn.execute(
-        text(
-            "INSERT INTO segmentation.memberships (segment_id, profile_id) "
-            "SELECT :s, p FROM unnest(CAST(:ps AS text[])) AS p ON CONFLICT DO NOTHING"
-        ),
-        {"s": segment_id, "ps": list(profile_ids)},
-    )
-
-
-async def exit_(conn: AsyncConnection, segment_id: str, profile_ids: Sequence[str]) -> None:
-    await conn.execute(
-        text("DELETE FROM segmentation.memberships WHERE segment_id = :s AND profile_id = ANY(:ps)"),
-        {"s": segment_id, "ps": list(profile_ids)},
-    )
-
-
 async def sizes(conn: AsyncConnection) -> dict[str, int]:
     rows = await conn.execute(
         text("SELECT segment_id, count(*) AS n FROM segmentation.memberships GROUP BY segment_id")
