@@ -134,9 +134,20 @@ def timestamp(moment: datetime) -> Timestamp:
     return ts
 
 
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
+
+
 def derived_id(cause_id: str, fact: str) -> str:
-    """A deterministic id for a fact derived from another, so re-deriving it dedupes."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cdp:{cause_id}:{fact}"))
+    """A deterministic id for a fact derived from another, so re-deriving it dedupes.
+
+    `uuid.uuid5(NAMESPACE_URL, "cdp:<cause>:<fact>")` as a string, computed without the UUID
+    object (a third of the cost; every service derives an id or two per event).
+    """
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + f"cdp:{cause_id}:{fact}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def new_event(

@@ -83,25 +83,37 @@ async def _write(conn: AsyncConnection, w: _Working) -> None:
             {"ids": list(w.created), "ats": list(w.created.values())},
         )
     if w.changed:
-        keys = list(w.changed)
-        owner_of = [w.owners[k] for k in keys]
-        last = [w.profiles[o].identifiers[k] for k, o in zip(keys, owner_of, strict=True)]
         # One JSON parameter rather than an array per column: asyncpg type-checks every element.
-        rows = [
-            {"id_type": k[0], "id_value": k[1], "profile_id": o, "first_seen": w.first_seen.get(k, seen),
-             "last_seen": seen}
-            for k, o, seen in zip(keys, owner_of, last, strict=True)
-        ]
-        await conn.execute(
-            text(
-                "INSERT INTO identity.identifiers (id_type, id_value, profile_id, first_seen, last_seen) "
-                "SELECT id_type, id_value, profile_id, first_seen, last_seen "
-                "FROM json_populate_recordset(NULL::identity.identifiers, CAST(:rows AS json)) "
-                "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id, "
-                "last_seen = GREATEST(identity.identifiers.last_seen, EXCLUDED.last_seen)"
-            ),
-            {"rows": convert.to_json(rows)},
-        )
+        # Identifiers new to the graph are inserted; the others updated, mostly in place (HOT).
+        fresh, seen_before = [], []
+        for key in w.changed:
+            owner = w.owners[key]
+            last = w.profiles[owner].identifiers[key]
+            first = w.first_seen.get(key)
+            row = {"id_type": key[0], "id_value": key[1], "profile_id": owner, "last_seen": last}
+            if first is None:
+                seen_before.append(row)
+            else:
+                fresh.append({**row, "first_seen": first})
+        if fresh:
+            await conn.execute(
+                text(
+                    "INSERT INTO identity.identifiers (id_type, id_value, profile_id, first_seen, last_seen) "
+                    "SELECT id_type, id_value, profile_id, first_seen, last_seen "
+                    "FROM json_populate_recordset(NULL::identity.identifiers, CAST(:rows AS json))"
+                ),
+                {"rows": convert.to_json(fresh)},
+            )
+        if seen_before:
+            await conn.execute(
+                text(
+                    "UPDATE identity.identifiers i SET profile_id = r.profile_id, "
+                    "last_seen = GREATEST(i.last_seen, r.last_seen) "
+                    "FROM json_populate_recordset(NULL::identity.identifiers, CAST(:rows AS json)) r "
+                    "WHERE i.id_type = r.id_type AND i.id_value = r.id_value"
+                ),
+                {"rows": convert.to_json(seen_before)},
+            )
     if w.merged_into:
         await conn.execute(
             text(

@@ -49,13 +49,20 @@ class Rules:
     max_identifiers: int = 1000
     max_merges: int = 100
     phone_region: str = "US"
+    # Each type's rule once looked up (a dozen look-ups per event).
+    _rules: dict[str, TypeRule] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def rule(self, id_type: str) -> TypeRule:
-        if id_type in self.types:
-            return self.types[id_type]
-        if id_type.endswith("_sha256"):
-            return self.types.get("email_sha256", self.custom)
-        return self.custom
+        found = self._rules.get(id_type)
+        if found is None:
+            if id_type in self.types:
+                found = self.types[id_type]
+            elif id_type.endswith("_sha256"):
+                found = self.types.get("email_sha256", self.custom)
+            else:
+                found = self.custom
+            self._rules[id_type] = found
+        return found
 
     def order(self, key: Key) -> tuple[int, str, str]:
         return (self.rule(key[0]).priority, key[0], key[1])
@@ -172,10 +179,15 @@ def _over_limit(
 ) -> str | None:
     """The type whose limit the union of `profiles` and `keep` would break, if any."""
     values: dict[str, set[str]] = {}
+    # Per type, the oldest last-seen that still counts (None: every value counts).
+    since: dict[str, datetime | None] = {}
     for known in profiles:
         for (id_type, value), seen in known.identifiers.items():
-            window = rules.rule(id_type).window_days
-            if window is None or seen >= at - timedelta(days=window):
+            if id_type not in since:
+                window = rules.rule(id_type).window_days
+                since[id_type] = None if window is None else at - timedelta(days=window)
+            cutoff = since[id_type]
+            if cutoff is None or seen >= cutoff:
                 values.setdefault(id_type, set()).add(value)
     for id_type, value in keep:
         values.setdefault(id_type, set()).add(value)

@@ -21,14 +21,13 @@ SPEC = ConsumerSpec(durable="identity-resolve", area="collected", batch=1000, ma
 log = structlog.get_logger("cdp.identity")
 
 
-def _identifiers(keys: Sequence[core.Key]) -> event_pb2.Identifiers:
-    result = event_pb2.Identifiers()
+def _set_identifiers(result: event_pb2.Identifiers, keys: Sequence[core.Key]) -> None:
+    result.Clear()
     for id_type, value in keys:
         if id_type in identifiers.TYPES:
             setattr(result, id_type, value)
         else:
             result.custom[id_type] = value
-    return result
 
 
 
@@ -59,16 +58,19 @@ def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_
         out: list[eventlog.Outgoing] = []
         if decision.merged:
             out.append(merged_fact(event, decision.profile_id, decision.merged, decision.reason, kept))
-        resolved = event_pb2.Event()
-        resolved.CopyFrom(event)
-        resolved.profile_id = decision.profile_id
-        resolved.identifiers.CopyFrom(_identifiers(kept))
-        out.append(eventlog.Outgoing(topology.keyed("identity", decision.profile_id, "resolved"), resolved))
+        # The collected event becomes the resolved one in place (not copied): each batch decodes
+        # its own events, and the per-event path below passes a copy.
+        event.profile_id = decision.profile_id
+        _set_identifiers(event.identifiers, kept)
+        out.append(eventlog.Outgoing(topology.keyed("identity", decision.profile_id, "resolved"), event))
         return out
 
     async def resolve(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        # The same path as a whole batch, for one event: one way to write a decision.
-        return await batch.resolve_events(conn, [event], rules, resolved_facts)
+        # The same path as a whole batch, for one event: one way to write a decision. On a copy,
+        # as the consumer retries a failed attempt with the same event.
+        own = event_pb2.Event()
+        own.CopyFrom(event)
+        return await batch.resolve_events(conn, [own], rules, resolved_facts)
 
     async def merge_requested(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         request = event.merge_requested
