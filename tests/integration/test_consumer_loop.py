@@ -13,13 +13,29 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.v1 import event_pb2
 from cdp_common import db, eventlog
-from cdp_common.consumer import Consumer, ConsumerSpec
+from cdp_common.consumer import Consumer, ConsumerSpec, Planned
 from cdp_cli.settle import subject_count
 
 pytestmark = pytest.mark.timeout(60)
 
 SCHEMA = "looptest"
-MIGRATIONS = (("CREATE TABLE looptest.totals (name text PRIMARY KEY, n bigint NOT NULL)",),)
+MIGRATIONS = (
+    ("CREATE TABLE looptest.totals (name text PRIMARY KEY, n bigint NOT NULL)",),
+    (
+        # The pipelined consumer's test: the n-th event applied, in log order.
+        "CREATE TABLE looptest.numbered (event_id text PRIMARY KEY, n int NOT NULL UNIQUE, name text NOT NULL)",
+        # nextval is not rolled back with the transaction that fails: "flaky" fails twice in all.
+        "CREATE SEQUENCE looptest.flaky_failures",
+        """CREATE FUNCTION looptest.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.name = 'poison' OR (NEW.name = 'flaky' AND nextval('looptest.flaky_failures') <= 2) THEN
+                RAISE EXCEPTION 'refused %', NEW.name;
+            END IF;
+            RETURN NEW;
+        END $$""",
+        "CREATE TRIGGER refuse BEFORE INSERT ON looptest.numbered FOR EACH ROW EXECUTE FUNCTION looptest.refuse()",
+    ),
+)
 
 
 @pytest.fixture
@@ -147,6 +163,71 @@ async def test_a_poison_message_is_dead_lettered_and_the_rest_flows(nc: NATS, en
     assert letter.stream_sequence == 3 and letter.attempts == 3
     assert "this event always fails" in letter.error
     assert eventlog.decode(letter.original_payload).name == "poison"
+
+
+class Numbering:
+    """A pipeline that numbers events in log order: each gets the highest number so far plus one,
+    read from the table and from the batches planned but not committed yet."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Planned, int]] = []
+        self.plans = 0
+
+    async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned:
+        overlays = [top for _, top in self.pending]  # before the read: the one before may commit meanwhile
+        stored = (await conn.execute(text("SELECT coalesce(max(n), 0) FROM looptest.numbered"))).scalar_one()
+        top = max([stored, *overlays])
+        rows = [{"e": event.id, "n": top + i, "name": event.name} for i, event in enumerate(events, start=1)]
+
+        async def write(conn: AsyncConnection) -> None:
+            await conn.execute(text("INSERT INTO looptest.numbered VALUES (:e, :n, :name)"), rows)
+
+        planned = Planned(write, [])
+        self.pending.append((planned, top + len(rows)))
+        self.plans += 1
+        return planned
+
+    def committed(self, planned: Planned) -> None:
+        self.pending = [(p, top) for p, top in self.pending if p is not planned]
+
+    def forget(self) -> None:
+        self.pending = []
+
+
+async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_failed_writes(
+    nc: NATS, engine: AsyncEngine, namespace: str
+) -> None:
+    """Batches are planned while the one before is written. A write that fails (twice for
+    "flaky", always for "poison") drops what was planned after it; the log is taken again from
+    the checkpoint, the plain way, which dead-letters the poison; the numbers show that nothing
+    was skipped, applied twice or out of order."""
+    topology = eventlog.Topology(namespace)
+    await eventlog.provision_streams(nc.jetstream(), topology)
+    names = ["ok"] * 60
+    names[20], names[41] = "flaky", "poison"
+    await publish(nc, topology, names)
+    pipeline = Numbering()
+
+    async def one_by_one(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        planned = await Numbering().plan(conn, [event])
+        await planned.write(conn)
+        return []
+
+    consumer = Consumer(
+        js=nc.jetstream(), engine=engine, outbox=db.Outbox(engine, eventlog.Publisher(nc), SCHEMA), schema=SCHEMA,
+        topology=topology, spec=ConsumerSpec(durable="looptest-number", area="collected", batch=7, max_attempts=3,
+                                             retry_backoff_seconds=0.01, max_ack_pending=21),
+        handler=one_by_one, pipeline=pipeline,
+    )
+    await drain(consumer, nc)
+
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT event_id, n FROM looptest.numbered ORDER BY n"))).all()
+    expected = [f"ev-{i}" for i, name in enumerate(names) if name != "poison"]
+    assert [r.event_id for r in rows] == expected
+    assert [r.n for r in rows] == list(range(1, len(expected) + 1))
+    assert consumer.dead_lettered == 1 and consumer.batch_failures >= 2
+    assert pipeline.plans > 5 and not pipeline.pending
 
 
 async def test_streams_keep_duplicates_out_for_a_day(nc: NATS, namespace: str) -> None:

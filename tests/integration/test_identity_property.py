@@ -163,12 +163,12 @@ def spec(batch: int, ack_wait: float = 30.0, max_ack_pending: int = 400) -> Cons
 def consumer(nc: NATS, engine: AsyncEngine, topology: eventlog.Topology, rules: core.Rules,
              consumer_spec: ConsumerSpec, batched: bool = True) -> Consumer:
     """With `batched`, as the service runs it (main.build); else the per-event handler alone."""
-    one_by_one, whole_batch = handlers.make_handlers(topology, rules)
+    one_by_one, whole_batch, pipeline = handlers.make_handlers(topology, rules)
     if not batched:
-        one_by_one, whole_batch = handlers.make_handler(topology, rules), None
+        one_by_one, whole_batch, pipeline = handlers.make_handler(topology, rules), None, None
     return Consumer(
         js=nc.jetstream(), engine=engine, outbox=db.Outbox(engine, eventlog.Publisher(nc), SCHEMA), schema=SCHEMA,
-        topology=topology, spec=consumer_spec, handler=one_by_one, batch_handler=whole_batch,
+        topology=topology, spec=consumer_spec, handler=one_by_one, batch_handler=whole_batch, pipeline=pipeline,
     )
 
 

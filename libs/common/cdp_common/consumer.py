@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import nats.errors
 import nats.js.errors
@@ -34,6 +35,39 @@ Handler = Callable[[AsyncConnection, event_pb2.Event], Awaitable[Sequence[eventl
 # Applies a whole batch at once (a few queries instead of a few per event); when it fails, the
 # loop falls back to the per-event handler, which isolates and dead-letters the bad message.
 BatchHandler = Callable[[AsyncConnection, Sequence[event_pb2.Event]], Awaitable[Sequence[eventlog.Outgoing]]]
+
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A batch decided in memory, written later in its own transaction (see `Pipeline`)."""
+
+    write: Callable[[AsyncConnection], Awaitable[None]]
+    outgoing: Sequence[eventlog.Outgoing]
+
+
+class Pipeline(Protocol):
+    """A batch handler in two stages, so that the next batch is decided while this one is written.
+
+    `plan` reads the committed state outside any transaction, overlaid with what the batches it
+    planned before (and not yet `committed`) change, which it keeps in memory, and decides; it
+    returns None for a batch it does not take (the loop then applies it the plain way, after every
+    earlier batch committed). `Planned.write` runs in the batch's transaction with its checkpoint.
+    Only one process applies a consumer's log, so nothing else changes that state meanwhile.
+    """
+
+    async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned | None: ...
+
+    def committed(self, planned: Planned) -> None:
+        """`planned` is durable: what it changed can be read from the database now."""
+
+    def forget(self) -> None:
+        """A planned batch was not written: drop everything planned and not committed."""
+
+
+class StalePlan(Exception):
+    """The checkpoint is not where the batch was planned from."""
+
 
 log = structlog.get_logger("cdp.consumer")
 
@@ -96,6 +130,7 @@ class Consumer:
         spec: ConsumerSpec,
         handler: Handler,
         batch_handler: BatchHandler | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self._js = js
         self._engine = engine
@@ -105,6 +140,14 @@ class Consumer:
         self.spec = spec
         self._handler = handler
         self._batch_handler = batch_handler
+        self._pipeline = pipeline
+        # With a pipeline: the last stream sequence applied or planned (None: read the checkpoint),
+        # and the batch being written while the next one is planned.
+        self._planned_through: int | None = None
+        self._writing: asyncio.Task[None] | None = None
+        # After a failure, the messages planned so far go the plain way (which isolates and
+        # dead-letters a message that keeps failing).
+        self._plain_through = 0
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock: AsyncConnection | None = None
@@ -177,16 +220,11 @@ class Consumer:
         ):
             return
         async with self._engine.connect() as conn:
-            applied = (
-                await conn.execute(
-                    text(f"SELECT stream_sequence FROM {self._schema}.checkpoints WHERE consumer = :c"),
-                    {"c": self.spec.durable},
-                )
-            ).scalar()
+            applied = await self._checkpoint(conn)
         if info is not None:
             await self._js.delete_consumer(self.stream, self.spec.durable)
-        await self._js.add_consumer(self.stream, self.consumer_config(start_after=int(applied or 0)))
-        log.info("consumer_repositioned", after_sequence=int(applied or 0),
+        await self._js.add_consumer(self.stream, self.consumer_config(start_after=applied))
+        log.info("consumer_repositioned", after_sequence=applied,
                  unacknowledged=info.num_ack_pending if info else 0)
 
     @property
@@ -255,6 +293,8 @@ class Consumer:
                     await self._reposition(force=reposition)
                     await self._loop(puller)
                 finally:
+                    with contextlib.suppress(BaseException):
+                        await self._drop_plans()
                     self._lock = None
                     await puller.forget()
                     with contextlib.suppress(BaseException):
@@ -277,17 +317,16 @@ class Consumer:
                     await self._reposition(force=True)
                     reposition = False
                 msgs = await puller.fetch()
-                if not msgs:
-                    await self._published_so_far()
-                    await self._forget_published()
-                    continue
             except Exception as error:  # noqa: BLE001 - the log or the database is down: wait, retry
                 reposition = True
                 log.warning("fetch_failed", error=repr(error))
                 await self._pause(1.0)
                 continue
             try:
-                await self.process(msgs)
+                if msgs:
+                    await self._take(msgs)
+                else:
+                    await self._written()
                 failures = 0
             except (asyncio.CancelledError, LostLock):
                 # Lost lock: stop, so the process exits and its supervisor restarts it as a standby.
@@ -296,10 +335,86 @@ class Consumer:
             except Exception as error:  # noqa: BLE001 - the loop must go on
                 failures += 1
                 self.batch_failures += 1
+                await self._drop_plans()
                 self.applied, self.dead_lettered = self._counted
                 reposition = True
                 log.error("batch_failed", error=repr(error), messages=len(msgs))
                 await self._pause(min(0.2 * 2**failures, 5.0))
+                continue
+            if not msgs:
+                try:
+                    await self._published_so_far()
+                    await self._forget_published()
+                except Exception as error:  # noqa: BLE001 - the log or the database is down: wait, retry
+                    reposition = True
+                    log.warning("publish_failed", error=repr(error))
+                    await self._pause(1.0)
+
+    async def _take(self, msgs: Sequence[Msg]) -> None:
+        """Applies a batch; with a pipeline, decides it while the batch before is being written."""
+        if self._pipeline is None:
+            await self.process(msgs)
+            return
+        planned = await self._plan(msgs)
+        await self._written()
+        if planned is None:
+            await self.process(msgs)
+        else:
+            self._writing = asyncio.create_task(self.process(msgs, planned))
+
+    async def _plan(self, msgs: Sequence[Msg]) -> tuple[int, Planned] | None:
+        """Stage one: the batch's new messages decided from where the batches before leave off;
+        None to apply it the plain way (a lone message, or the pipeline declined or failed)."""
+        assert self._pipeline is not None
+        if self._planned_through is None:
+            await self._written()
+            async with self._engine.connect() as conn:
+                self._planned_through = int(await self._checkpoint(conn))
+        after = self._planned_through
+        fresh = [msg for msg in msgs if msg.metadata.sequence.stream > after]
+        if len(fresh) < 2 or fresh[0].metadata.sequence.stream <= self._plain_through:
+            return None
+        try:
+            events = [eventlog.decode(msg.data) for msg in fresh]
+        except Exception:  # noqa: BLE001 - the per-event path dead-letters the bad one
+            return None
+        try:
+            async with self._engine.connect() as conn:
+                planned = await self._pipeline.plan(conn, events)
+        except Exception as error:  # noqa: BLE001 - decided below
+            if infrastructure_failure(error):
+                raise
+            self.handler_errors += 1
+            log.warning("batch_handler_failed", error=repr(error), messages=len(fresh))
+            return None
+        if planned is None:
+            return None
+        self._planned_through = fresh[-1].metadata.sequence.stream
+        return after, planned
+
+    async def _written(self) -> None:
+        """Waits for the batch being written; raises its failure."""
+        task, self._writing = self._writing, None
+        if task is not None:
+            await task
+
+    async def _drop_plans(self) -> None:
+        """After a failure: nothing planned is written, and the next plan starts at the checkpoint."""
+        with contextlib.suppress(Exception):
+            await self._written()
+        self._plain_through = max(self._plain_through, self._planned_through or 0)
+        self._planned_through = None
+        if self._pipeline is not None:
+            self._pipeline.forget()
+
+    async def _checkpoint(self, conn: AsyncConnection) -> int:
+        value = (
+            await conn.execute(
+                text(f"SELECT stream_sequence FROM {self._schema}.checkpoints WHERE consumer = :c"),
+                {"c": self.spec.durable},
+            )
+        ).scalar()
+        return int(value or 0)
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -313,8 +428,10 @@ class Consumer:
         except eventlog.LOG_UNAVAILABLE as error:
             log.warning("outbox_flush_failed", error=str(error))
 
-    async def process(self, msgs: Sequence[Msg]) -> None:
-        """Applies a batch: one transaction for the changes, the facts and the checkpoint."""
+    async def process(self, msgs: Sequence[Msg], planned: tuple[int, Planned] | None = None) -> None:
+        """Applies a batch: one transaction for the changes, the facts and the checkpoint.
+
+        `planned`: the batch as the pipeline decided it, from the checkpoint it names."""
         started = time.perf_counter()
         self._counted = (self.applied, self.dead_lettered)
         if self._lock is not None:
@@ -340,7 +457,16 @@ class Consumer:
             ).scalar_one()
             last = applied_up_to
             fresh = [msg for msg in msgs if msg.metadata.sequence.stream > applied_up_to]
-            if fresh and await self._apply_batch(conn, fresh, added):
+            if planned is not None:
+                after, plan = planned
+                if after != applied_up_to:
+                    raise StalePlan(f"planned after sequence {after}, but the checkpoint is at {applied_up_to}")
+                await plan.write(conn)
+                added.append(await self._outbox.add(conn, plan.outgoing))
+                self.applied += len(fresh)
+                last = fresh[-1].metadata.sequence.stream
+                fresh = []
+            elif fresh and await self._apply_batch(conn, fresh, added):
                 last = fresh[-1].metadata.sequence.stream
                 fresh = []
             for msg in fresh:
@@ -359,6 +485,11 @@ class Consumer:
                 )
         # Rows published meanwhile were appended after the ones this transaction deleted.
         self._published = self._published[len(deleting):]
+        if self._pipeline is not None:
+            if planned is None:
+                self._planned_through = last
+            else:
+                self._pipeline.committed(planned[1])
         # Acknowledged once committed: the facts are safe in the outbox.
         await msgs[-1].ack()
         self._publishing = asyncio.create_task(self._publish(self._publishing, added))

@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog, logs, metrics, rpc, tracing
-from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler
+from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler, Pipeline
 from cdp_common.settings import Settings, SettingsError, optional_int
 
 log = structlog.get_logger("cdp.service")
@@ -78,9 +78,13 @@ class Runtime:
             raise RuntimeError(f"service {self.settings.service} has no database schema")
         return self._outbox
 
-    def consumer(self, spec: ConsumerSpec, handler: Handler, batch_handler: BatchHandler | None = None) -> Consumer:
+    def consumer(
+        self, spec: ConsumerSpec, handler: Handler, batch_handler: BatchHandler | None = None,
+        pipeline: Pipeline | None = None,
+    ) -> Consumer:
         consumer = Consumer(
             batch_handler=batch_handler,
+            pipeline=pipeline,
             js=self.js,
             engine=self.engine,
             outbox=self.outbox,

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog, identifiers
-from cdp_common.consumer import BatchHandler, Handler, PermanentError
+from cdp_common.consumer import BatchHandler, Handler, PermanentError, Planned
 from cdp_identity import core, store
 
 _COMMANDS = ("merge_requested", "split_requested")
@@ -68,9 +68,19 @@ class _Working:
         self.profiles[pid] = core.Known(pid, survivor.created_at, merges, held)
 
 
-async def _load(conn: AsyncConnection, keys: Sequence[core.Key]) -> _Working:
-    owners = await store.owners(conn, keys)
-    return _Working(owners=owners, profiles=await store.known(conn, sorted(set(owners.values()))))
+async def _load(conn: AsyncConnection, keys: Sequence[core.Key], overlays: Sequence[_Working] = ()) -> _Working:
+    """The graph around `keys` as the database has it, overlaid with batches decided but not yet
+    committed (oldest first): their owners and their profiles, each as complete as a read."""
+    owners: dict[core.Key, str] = {}
+    for overlay in overlays:
+        owners.update((key, overlay.owners[key]) for key in keys if key in overlay.owners)
+    owners = {**await store.owners(conn, [k for k in keys if k not in owners]), **owners}
+    profiles: dict[str, core.Known] = {}
+    wanted = set(owners.values())
+    for overlay in reversed(overlays):
+        profiles.update((p, overlay.profiles[p]) for p in wanted - profiles.keys() if p in overlay.profiles)
+    profiles.update(await store.known(conn, sorted(wanted - profiles.keys())))
+    return _Working(owners=owners, profiles=profiles)
 
 
 async def _write(conn: AsyncConnection, w: _Working) -> None:
@@ -166,18 +176,18 @@ def event_keys(event: event_pb2.Event, rules: core.Rules) -> list[core.Key]:
 Resolved = Callable[[event_pb2.Event, core.Decision, Sequence[core.Key]], Sequence[eventlog.Outgoing]]
 
 
-async def resolve_events(
+async def _decide(
     conn: AsyncConnection, events: Sequence[event_pb2.Event], rules: core.Rules, resolved: Resolved,
-    statistics: db.Statistics | None = None,
-) -> list[eventlog.Outgoing]:
-    """Resolves events in order, each seeing the decisions before it, and writes the result."""
+    overlays: Sequence[_Working] = (),
+) -> tuple[_Working, list[eventlog.Outgoing]]:
+    """Resolves events in order, each seeing the decisions before it, in memory."""
     per_event = []
     for event in events:
         keys = event_keys(event, rules)
         if not keys:
             raise PermanentError(f"event {event.id} carries no usable identifier (all empty or blocked values)")
         per_event.append(keys)
-    working = await _load(conn, sorted({k for keys in per_event for k in keys}))
+    working = await _load(conn, sorted({k for keys in per_event for k in keys}), overlays)
     out: list[eventlog.Outgoing] = []
     for event, keys in zip(events, per_event, strict=True):
         at = event_time(event)
@@ -187,10 +197,48 @@ async def resolve_events(
         kept = [k for k in keys if k not in dropped]
         working.apply(decision, kept, event.id, at)
         out.extend(resolved(event, decision, kept))
+    return working, out
+
+
+async def resolve_events(
+    conn: AsyncConnection, events: Sequence[event_pb2.Event], rules: core.Rules, resolved: Resolved,
+    statistics: db.Statistics | None = None,
+) -> list[eventlog.Outgoing]:
+    """Resolves events in order, each seeing the decisions before it, and writes the result."""
+    working, out = await _decide(conn, events, rules, resolved)
     await _write(conn, working)
     if statistics is not None:
         await statistics.grew(conn, len(working.created))
     return out
+
+
+class Resolver:
+    """The consumer's pipeline (`cdp_common.consumer.Pipeline`): a batch is decided while the one
+    before it is written. The graph a batch changes is kept here until its transaction commits,
+    and overlays what the next batches read, which the database does not show yet."""
+
+    def __init__(self, rules: core.Rules, resolved: Resolved, statistics: db.Statistics) -> None:
+        self._rules, self._resolved, self._statistics = rules, resolved, statistics
+        self._pending: list[tuple[Planned, _Working]] = []
+
+    async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned | None:
+        if any(event.type in _COMMANDS for event in events):
+            return None  # operators' requests read and write the graph themselves
+        working, out = await _decide(conn, events, self._rules, self._resolved, [w for _, w in self._pending])
+
+        async def write(conn: AsyncConnection) -> None:
+            await _write(conn, working)
+            await self._statistics.grew(conn, len(working.created))
+
+        planned = Planned(write, out)
+        self._pending.append((planned, working))
+        return planned
+
+    def committed(self, planned: Planned) -> None:
+        self._pending = [(p, w) for p, w in self._pending if p is not planned]
+
+    def forget(self) -> None:
+        self._pending = []
 
 
 async def merge(
@@ -203,9 +251,9 @@ async def merge(
     await _write(conn, working)
 
 
-def make_batch_handler(rules: core.Rules, one_by_one: Handler, resolved: Resolved) -> BatchHandler:
-    statistics = db.Statistics(["identity.profiles", "identity.identifiers"])
-
+def make_batch_handler(
+    rules: core.Rules, one_by_one: Handler, resolved: Resolved, statistics: db.Statistics
+) -> BatchHandler:
     async def handle(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
         out: list[eventlog.Outgoing] = []
         run: list[event_pb2.Event] = []

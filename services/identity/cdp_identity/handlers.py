@@ -9,14 +9,14 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
-from cdp_common import eventlog, identifiers
-from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler
+from cdp_common import db, eventlog, identifiers
+from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, Pipeline
 from cdp_identity import batch, core, store
 
 # Larger batches than the default: a batch's dozen statements and its pull request are shared by
 # more events (bench/identity.py, paired runs: 500 took about 10% less CPU per event than 200, in
 # identity and in PostgreSQL, and 1,000 about 8% less than 500).
-SPEC = ConsumerSpec(durable="identity-resolve", area="collected", batch=1000, max_ack_pending=2000)
+SPEC = ConsumerSpec(durable="identity-resolve", area="collected", batch=1000, max_ack_pending=3000)
 
 log = structlog.get_logger("cdp.identity")
 
@@ -36,8 +36,11 @@ def make_handler(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_R
     return make_handlers(topology, rules)[0]
 
 
-def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_RULES) -> tuple[Handler, BatchHandler]:
-    """The per-event handler, and the batch handler the consumer tries first."""
+def make_handlers(
+    topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_RULES
+) -> tuple[Handler, BatchHandler, Pipeline]:
+    """The per-event handler; the batch handler; the pipeline the consumer tries first (a batch
+    decided while the one before it is written), then the batch handler, then event by event."""
     def merged_fact(cause: event_pb2.Event, survivor: str, merged: Sequence[str], reason: str,
                     linking: Sequence[core.Key]) -> eventlog.Outgoing:
         fact = eventlog.new_event("profiles_merged", event_id=eventlog.derived_id(cause.id, "merged"),
@@ -124,4 +127,6 @@ def make_handlers(topology: eventlog.Topology, rules: core.Rules = core.DEFAULT_
             return await split_requested(conn, event)
         return await resolve(conn, event)
 
-    return handle, batch.make_batch_handler(rules, handle, resolved_facts)
+    statistics = db.Statistics(["identity.profiles", "identity.identifiers"])
+    return (handle, batch.make_batch_handler(rules, handle, resolved_facts, statistics),
+            batch.Resolver(rules, resolved_facts, statistics))

@@ -29,8 +29,8 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     rules = load_rules(optional("CDP_IDENTITY_RULES", ""))
     servicer = IdentityServicer(runtime.engine, runtime.publisher, runtime.topology, rules)
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(servicer, server)
-    one_by_one, whole_batch = handlers.make_handlers(runtime.topology, rules)
-    runtime.consumer(handlers.SPEC, one_by_one, whole_batch)
+    one_by_one, whole_batch, pipeline = handlers.make_handlers(runtime.topology, rules)
+    runtime.consumer(handlers.SPEC, one_by_one, whole_batch, pipeline)
     return [identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
 
 
