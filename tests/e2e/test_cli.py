@@ -154,9 +154,18 @@ def test_up_serves_stops_on_ctrl_c_and_keeps_data_across_restarts(tmp_path: Path
 
 
 def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
-    """kill -9 of a service under `cdp up`: it is started again on the same address, and serves."""
+    """kill -9 of a service under `cdp up`: it is started again on the same address, and serves.
+    Meanwhile `cdp status`, run where the suite keeps its data, finds it without flags."""
     process, addresses = _start_up(tmp_path)
     try:
+        shown = subprocess.run([CDP, "status", "--json"], env={**_env(), "CDP_DATA_DIR": str(tmp_path)},
+                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert shown.returncode == 0, shown.stderr
+        report = json.loads(shown.stdout)
+        assert {s["name"]: s["address"] for s in report["services"]} == {
+            name: address for name, address in addresses.items() if "." not in name and name != "http"
+        }
+        assert {c["name"] for s in report["services"] for c in s["consumers"]} >= {"identity-resolve", "profile-project"}
         [victim] = [c for c in psutil.Process(process.pid).children(recursive=True)
                     if "cdp_segmentation" in " ".join(c.cmdline())]
         victim.kill()
@@ -172,6 +181,7 @@ def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
         out, err = _stop(process, signal.SIGTERM)
     assert "stopped." in out
     assert "service segmentation exited with code -9; restarting it" in err
+    assert not (tmp_path / "endpoints.json").exists()
 
 
 def test_a_stateless_service_runs_worker_processes_and_stops_them(tmp_path: Path) -> None:

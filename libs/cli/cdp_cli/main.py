@@ -15,16 +15,12 @@ import threading
 import time
 from pathlib import Path
 
-from cdp_cli import bench, demo, dlq, importer, infra, replay, status, suite
+from cdp_cli import bench, demo, dlq, importer, infra, options, replay, status, suite
 
 
 # `cdp up` gives up on a service that exits this many times within this many seconds.
 CRASH_LOOP_EXITS = 5
 CRASH_LOOP_SECONDS = 60
-
-
-def _default_data_dir() -> Path:
-    return Path(os.environ.get("CDP_DATA_DIR", ".cdp")).resolve()
 
 
 def up(data_dir: Path) -> int:
@@ -40,27 +36,32 @@ def up(data_dir: Path) -> int:
         for service in running:
             extra = "".join(f"  {label} {url}" for label, url in service.extra.items())
             print(f"  {service.name:<14} grpc {service.address}{extra}  (logs: {service.log_file})")
+        # So that `cdp status`, `cdp dlq` and `cdp replay` find this suite without flags.
+        options.write_endpoints(data_dir, settings["CDP_NATS_URL"], {s.name: s.address for s in running})
         print("Press Ctrl-C to stop.", flush=True)
-        # A service that exits (killed, or on purpose: a consumer whose database session died exits
-        # so that it starts afresh) is started again, as Kubernetes would; one that keeps exiting
-        # (a crash loop, e.g. a bad setting) stops the suite.
-        exits: dict[str, list[float]] = {}
-        while not stop.is_set():
-            for service in running:
-                if service.process.poll() is None:
-                    continue
-                now = time.monotonic()
-                recent = [t for t in exits.get(service.name, []) if now - t < CRASH_LOOP_SECONDS]
-                code = service.process.returncode
-                if len(recent) >= CRASH_LOOP_EXITS:
-                    print(f"service {service.name} exited with code {code} {len(recent) + 1} times within "
-                          f"{CRASH_LOOP_SECONDS} s; stopping. See {service.log_file}", file=sys.stderr)
-                    return 1
-                print(f"service {service.name} exited with code {code}; restarting it. See {service.log_file}",
-                      file=sys.stderr, flush=True)
-                exits[service.name] = [*recent, now]
-                suite.restart(service)
-            stop.wait(0.5)
+        try:
+            # A service that exits (killed, or on purpose: a consumer whose database session died exits
+            # so that it starts afresh) is started again, as Kubernetes would; one that keeps exiting
+            # (a crash loop, e.g. a bad setting) stops the suite.
+            exits: dict[str, list[float]] = {}
+            while not stop.is_set():
+                for service in running:
+                    if service.process.poll() is None:
+                        continue
+                    now = time.monotonic()
+                    recent = [t for t in exits.get(service.name, []) if now - t < CRASH_LOOP_SECONDS]
+                    code = service.process.returncode
+                    if len(recent) >= CRASH_LOOP_EXITS:
+                        print(f"service {service.name} exited with code {code} {len(recent) + 1} times within "
+                              f"{CRASH_LOOP_SECONDS} s; stopping. See {service.log_file}", file=sys.stderr)
+                        return 1
+                    print(f"service {service.name} exited with code {code}; restarting it. See {service.log_file}",
+                          file=sys.stderr, flush=True)
+                    exits[service.name] = [*recent, now]
+                    suite.restart(service)
+                stop.wait(0.5)
+        finally:
+            options.remove_endpoints(data_dir)
         print("stopping...", flush=True)
     print("stopped.")
     return 0
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(status.command(args))
     try:
         if args.command == "up":
-            sys.exit(up((args.data_dir or _default_data_dir()).resolve()))
+            sys.exit(up((args.data_dir or options.default_data_dir()).resolve()))
         sys.exit(run_demo(args.data_dir.resolve() if args.data_dir else None))
     except infra.InfraError as error:
         sys.exit(f"cdp: {error}")
