@@ -4,7 +4,9 @@ A fetch batch is applied with a handful of queries: the events go to the timelin
 statement (its primary key drops redelivered ones), every touched profile is read once, the
 new events are folded in memory, each profile is rescored with the stored models, and the
 profiles are written back in one statement. Merges and splits in a batch are applied one by
-one, in log order. The per-event handler is the same path for one event.
+one, in log order. The per-event handler is the same path for one event. A rebuild (`bulk.py`)
+applies long stretches of the log with the same pieces: `recorded`, `observed`, `placed`,
+`merging` and `rescore`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from cdp_profile import core, scoring, store
 from cdp_profile.messages import changed_event
 
 SPEC = ConsumerSpec(durable="profile-project", area="identity")
-_OPERATIONS = ("profiles_merged", "profile_split")
+OPERATIONS = ("profiles_merged", "profile_split")
 EMPTY: Mapping[str, core.ProfileState] = {}
+# Merges followed from a merged-away id to its survivor, at most.
+MERGE_CHAIN = 100
 
 
 class ModelsCache:
@@ -48,11 +52,14 @@ class ModelsCache:
         return self._models
 
 
-def _recorded(event: event_pb2.Event) -> store.Recorded:
+def recorded(event: event_pb2.Event) -> store.Recorded:
+    """A resolved event as its timeline row (PermanentError: it can never be applied)."""
     if not event.profile_id:
         raise PermanentError(f"{event.type} event {event.id} reached profile without a profile_id")
-    ids = [(n, getattr(event.identifiers, n)) for n in identifiers.TYPES if getattr(event.identifiers, n)]
-    ids += sorted(event.identifiers.custom.items())
+    held = event.identifiers
+    ids = [(n, value) for n in identifiers.TYPES if (value := getattr(held, n))]
+    if held.custom:
+        ids += sorted(held.custom.items())
     return store.Recorded(
         event_id=event.id, profile_id=event.profile_id, type=event.type, name=event.name,
         occurred_at=convert.to_datetime(event.occurred_at) or convert.to_datetime(event.received_at) or eventlog.now(),
@@ -68,22 +75,57 @@ def observed(row: store.Recorded, with_identifiers: bool = True) -> core.Observe
     )
 
 
+def placed(profile_id: str, merged_into: Mapping[str, str]) -> str:
+    """Where an id lives now: itself, or the survivor at the end of its merges."""
+    for _ in range(MERGE_CHAIN):
+        if profile_id not in merged_into:
+            break
+        profile_id = merged_into[profile_id]
+    return profile_id
+
+
 async def _live(conn: AsyncConnection, profile_ids: Sequence[str]) -> tuple[store.Loaded, dict[str, str]]:
     """The touched profiles (locked), and where each id lives now (a merged-away id: its survivor)."""
     loaded = await store.load_many(conn, profile_ids)
-    where = {p: p for p in profile_ids}
+    merged_into = dict(loaded.merged_into)
     pending = dict(loaded.merged_into)
-    for _ in range(100):
+    for _ in range(MERGE_CHAIN):
         if not pending:
             break
         survivors = await store.load_many(conn, list(pending.values()))
         loaded.states.update(survivors.states)
-        for merged, survivor in pending.items():
-            for p, at in where.items():
-                if at == merged:
-                    where[p] = survivor
+        merged_into.update(survivors.merged_into)
         pending = dict(survivors.merged_into)
-    return loaded, where
+    return loaded, {p: placed(p, merged_into) for p in profile_ids}
+
+
+def merging(
+    detail: event_pb2.ProfilesMerged, states: Mapping[str, core.ProfileState], merged_into: Mapping[str, str]
+) -> tuple[core.ProfileState, list[str]] | None:
+    """The survivor with the merged profiles folded in, and the ids merged away now; None when the
+    merge changes nothing (the survivor is merged away itself, or every other id already is: a
+    redelivered or replayed merge is not counted again)."""
+    merged_ids = [p for p in dict.fromkeys(detail.merged_ids) if p != detail.survivor_id]
+    fresh = [p for p in merged_ids if p not in merged_into]
+    if not fresh or detail.survivor_id in merged_into:
+        return None
+    survivor = states.get(detail.survivor_id) or core.ProfileState(detail.survivor_id)
+    return core.merge(survivor, [states.get(p) or core.ProfileState(p) for p in fresh]), fresh
+
+
+def rescore(
+    states: Sequence[core.ProfileState], models: scoring.Models, now: datetime,
+    before: Mapping[str, core.ProfileState] = EMPTY,
+) -> list[core.ProfileState]:
+    """Scored with the stored models; a profile whose score inputs did not change keeps its
+    scores (the scoring job keeps the time-dependent ones current)."""
+    result = []
+    for state in states:
+        inputs, old = scoring.inputs_of(state), before.get(state.profile_id)
+        if old is None or old.scores is None or state.scores is None or scoring.inputs_of(old) != inputs:
+            state = replace(state, scores=scoring.score(inputs, models, now))
+        result.append(state)
+    return result
 
 
 def make_handlers(
@@ -98,23 +140,14 @@ def make_handlers(
     async def rescored(
         conn: AsyncConnection, states: Sequence[core.ProfileState], before: Mapping[str, core.ProfileState] = EMPTY
     ) -> list[core.ProfileState]:
-        """Scored with the stored models; a profile whose score inputs did not change keeps its
-        scores (the scoring job keeps the time-dependent ones current)."""
-        models, now = await models_cache.get(conn), eventlog.now()
-        result = []
-        for state in states:
-            inputs, old = scoring.inputs_of(state), before.get(state.profile_id)
-            if old is None or old.scores is None or state.scores is None or scoring.inputs_of(old) != inputs:
-                state = replace(state, scores=scoring.score(inputs, models, now))
-            result.append(state)
-        return result
+        return rescore(states, await models_cache.get(conn), eventlog.now(), before)
 
     async def project(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
         """Resolved events: timeline, fold, rescore, write; one profile_changed per touched profile."""
         rows: dict[str, store.Recorded] = {}
         causes: dict[str, event_pb2.Event] = {}
         for event in events:
-            rows.setdefault(event.id, _recorded(event))
+            rows.setdefault(event.id, recorded(event))
             causes[event.id] = event
         loaded, where = await _live(conn, sorted({r.profile_id for r in rows.values()}))
         placed = [r if where[r.profile_id] == r.profile_id else replace(r, profile_id=where[r.profile_id])
@@ -157,14 +190,12 @@ def make_handlers(
 
     async def on_merged(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         detail = event.profiles_merged
-        merged_ids = [p for p in dict.fromkeys(detail.merged_ids) if p != detail.survivor_id]
-        loaded = await store.load_many(conn, [detail.survivor_id, *merged_ids])
-        # A profile already merged away (a redelivered or replayed merge) is not counted again.
-        fresh = [p for p in merged_ids if p not in loaded.merged_into]
-        if not fresh or detail.survivor_id in loaded.merged_into:
+        loaded = await store.load_many(conn, [detail.survivor_id, *detail.merged_ids])
+        plan = merging(detail, loaded.states, loaded.merged_into)
+        if plan is None:
             return []
+        merged, fresh = plan
         survivor = loaded.states.get(detail.survivor_id) or core.ProfileState(detail.survivor_id)
-        merged = core.merge(survivor, [loaded.states.get(p) or core.ProfileState(p) for p in fresh])
         [state] = await rescored(conn, [merged])
         await store.save_many(conn, [state], loaded.states)
         await store.retire(conn, fresh, detail.survivor_id)
@@ -206,7 +237,7 @@ def make_handlers(
         return await on_split(conn, event)
 
     async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        if event.type in _OPERATIONS:
+        if event.type in OPERATIONS:
             return await operation(conn, event)
         return await project(conn, [event])
 
@@ -214,7 +245,7 @@ def make_handlers(
         out: list[eventlog.Outgoing] = []
         run: list[event_pb2.Event] = []
         for event in events:
-            if event.type in _OPERATIONS:
+            if event.type in OPERATIONS:
                 if run:
                     out.extend(await project(conn, run))
                     run = []

@@ -2,10 +2,12 @@
 
 1. A new schema, `profile_next`, is made by the same migrations. The base-level scoring models are
    copied into it, so rebuilt profiles are scored as the live ones are.
-2. An ephemeral consumer reads the identity stream from its start (no acknowledgements), and the
-   projection's own batch handler applies it through connections whose search_path is the new
-   schema. The facts it would publish are dropped: the live model published them already. It
-   never applies past the live consumer's checkpoint.
+2. An ephemeral consumer reads the identity stream from its start (no acknowledgements), and
+   `bulk.py` applies it in chunks of up to 20,000 events through connections whose search_path is
+   the new schema: each chunk folded in memory with the live projection's own pieces and written
+   in one transaction (the timeline with COPY, each touched profile once), the secondary indexes
+   made only once it has caught up. No facts are published: the live model published them
+   already. It never applies past the live consumer's checkpoint.
 3. Once it has caught up, the live consumer stops, the rebuild reaches the live checkpoint
    exactly, and one transaction carries the checkpoints, unpublished outbox rows and models over
    and renames the schemas (`profile` -> `profile_old`, `profile_next` -> `profile`).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import structlog
@@ -32,13 +34,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_common import db, eventlog
-from cdp_common.consumer import BatchHandler, Consumer, Handler, infrastructure_failure
+from cdp_common.consumer import Consumer
 from cdp_common.pull import Puller
 from cdp_common.service import Runtime
-from cdp_profile import handlers, store
+from cdp_profile import store
+from cdp_profile.bulk import Bulk
 
 LIVE, NEXT, OLD = "profile", "profile_next", "profile_old"
-BATCH = 1000
+# Messages per pull request, and events applied in one transaction at most.
+FETCH, CHUNK = 5000, 20_000
 # How often progress is reported while rebuilding (seconds).
 _REPORT_EVERY = 0.25
 
@@ -86,7 +90,9 @@ class Rebuilder:
             hold: AsyncConnection | None = None
             try:
                 progress = Progress("rebuilding")
-                async with contextlib.aclosing(self._replay(engine, target_engine, started)) as steps:
+                bulk = Bulk(target_engine, self._runtime.topology, self._live.spec.durable)
+                await bulk.prepare()
+                async with contextlib.aclosing(self._replay(engine, bulk, started)) as steps:
                     async for progress in steps:
                         if progress.phase == "stopping":
                             hold = await self._stop_live(engine)
@@ -140,30 +146,36 @@ class Rebuilder:
             ).scalar()
         return int(value or 0)
 
-    async def _replay(self, engine: AsyncEngine, target_engine: AsyncEngine, started: float) -> AsyncIterator[Progress]:
+    async def _replay(self, engine: AsyncEngine, bulk: Bulk, started: float) -> AsyncIterator[Progress]:
         """Applies the log up to the live checkpoint; yields "stopping" once caught up, so the live
-        consumer stops and the checkpoint holds still, then finishes at it."""
+        consumer stops and the checkpoint holds still, then finishes at it (settled: the history
+        of merged-away profiles moved and the indexes made, before the swap)."""
         runtime = self._runtime
         stream = runtime.topology.stream(self._live.spec.area)
         info = await runtime.js.add_consumer(stream, ConsumerConfig(
             deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
             filter_subjects=list(self._live.spec.filter_subjects) or None,
         ))
-        puller = Puller(runtime.nc, stream, info.name, BATCH, 1.0)
-        one_by_one, whole_batch = handlers.make_handlers(runtime.topology, handlers.ModelsCache(), publish=False)
+        puller = Puller(runtime.nc, stream, info.name, FETCH, 1.0)
         progress, held, stopped, reported = Progress("rebuilding"), list[Msg](), False, 0.0
         try:
             while True:
                 target = await self._live_position(engine)
-                drained = False
-                if not held:
-                    held = await puller.fetch()
-                    drained = not held
-                ready = [m for m in held if m.metadata.sequence.stream <= target]
-                held = held[len(ready):]
+                ready: list[Msg] = []
+                # Up to a chunk, without waiting for more once the live position is reached.
+                while len(ready) < CHUNK and (ready[-1].metadata.sequence.stream if ready else progress.sequence) < target:
+                    if not held:
+                        held = await puller.fetch()
+                        if not held:
+                            break
+                    sequences = [m.metadata.sequence.stream for m in held]
+                    within = next((i for i, s in enumerate(sequences) if s > target), len(held))
+                    ready += held[:within]
+                    held = held[within:]
+                    if held:
+                        break
                 if ready:
-                    applied, skipped = await _apply(target_engine, self._live.spec.durable, ready, one_by_one,
-                                                    whole_batch)
+                    applied, skipped = await _apply(bulk, ready)
                     progress = replace(progress, sequence=ready[-1].metadata.sequence.stream, target=target,
                                        events=progress.events + applied, skipped=progress.skipped + skipped,
                                        seconds=time.monotonic() - started)
@@ -172,11 +184,11 @@ class Rebuilder:
                         yield progress
                     continue
                 # Nothing left at or below the live position: caught up.
+                await bulk.settle()
                 if stopped:
                     return
-                if drained or held:
-                    yield replace(progress, phase="stopping")
-                    stopped = True
+                yield replace(progress, phase="stopping")
+                stopped = True
         finally:
             await puller.forget()
             try:
@@ -200,36 +212,13 @@ class Rebuilder:
                 await conn.execute(text(statement))
 
 
-async def _apply(
-    engine: AsyncEngine, durable: str, msgs: Sequence[Msg], one_by_one: Handler, whole_batch: BatchHandler,
-) -> tuple[int, int]:
-    """One batch into the new schema with its checkpoint; (applied, skipped)."""
-    events, undecodable, failed = [], 0, 0
+async def _apply(bulk: Bulk, msgs: list[Msg]) -> tuple[int, int]:
+    """One chunk into the new schema with its checkpoint; (applied, skipped)."""
+    events, undecodable = [], 0
     for msg in msgs:
         try:
             events.append(eventlog.decode(msg.data))
         except Exception:  # noqa: BLE001 - the live consumer dead-lettered it too
             undecodable += 1
-    async with engine.begin() as conn:
-        try:
-            async with conn.begin_nested():
-                await whole_batch(conn, events)
-        except Exception as error:  # noqa: BLE001 - one by one below, as the live consumer does
-            if infrastructure_failure(error):
-                raise
-            for event in events:
-                try:
-                    async with conn.begin_nested():
-                        await one_by_one(conn, event)
-                except Exception as caught:  # noqa: BLE001 - dead-lettered by the live consumer too
-                    if infrastructure_failure(caught):
-                        raise
-                    failed += 1
-        await conn.execute(
-            text(
-                "INSERT INTO checkpoints (consumer, stream_sequence) VALUES (:c, :s) "
-                "ON CONFLICT (consumer) DO UPDATE SET stream_sequence = EXCLUDED.stream_sequence"
-            ),
-            {"c": durable, "s": msgs[-1].metadata.sequence.stream},
-        )
+    failed = await bulk.apply(events, msgs[-1].metadata.sequence.stream)
     return len(events) - failed, undecodable + failed

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
@@ -162,8 +163,11 @@ class Loaded:
     merged_into: dict[str, str]
 
 
-async def load_many(conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True) -> Loaded:
-    """One read of many profiles (locked in id order, so two writers never deadlock)."""
+async def load_many(
+    conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True, identifiers: bool = True
+) -> Loaded:
+    """One read of many profiles (locked in id order, so two writers never deadlock); without
+    `identifiers`, their states hold none (a rebuild keeps who owns which on its own)."""
     ids = sorted(set(profile_ids))
     if not ids:
         return Loaded({}, {})
@@ -175,7 +179,7 @@ async def load_many(conn: AsyncConnection, profile_ids: Sequence[str], lock: boo
     ).all()
     held: dict[str, set[tuple[str, str]]] = {}
     live = [r.profile_id for r in rows if r.merged_into is None]
-    if live:
+    if live and identifiers:
         for r in await conn.execute(
             text("SELECT profile_id, id_type, id_value FROM identifiers WHERE profile_id = ANY(:p)"),
             {"p": live},
@@ -260,9 +264,21 @@ async def save_many(
     conn: AsyncConnection, states: Sequence[ProfileState], previous: Mapping[str, ProfileState],
     scores_of: Sequence[str] | None = None,
 ) -> None:
-    """Writes whole profiles and their new identifiers, in one statement each; the scores too, of all
-    or of `scores_of` (scores with their reasons are the bulk of a row: most events do not change
-    them, and the others keep the stored ones, which the scoring job may have moved meanwhile)."""
+    """Writes whole profiles and their new identifiers, in one statement each (see `save_profiles`)."""
+    await save_profiles(conn, states, scores_of)
+    # One row per identifier even if two profiles of the batch claim it (identity decides; the last wins).
+    await claim_identifiers(conn, list({
+        key: s.profile_id for s in states
+        for key in s.identifiers - (previous[s.profile_id].identifiers if s.profile_id in previous else frozenset())
+    }.items()))
+
+
+async def save_profiles(
+    conn: AsyncConnection, states: Sequence[ProfileState], scores_of: Sequence[str] | None = None
+) -> None:
+    """Writes whole profiles in one statement; the scores too, of all or of `scores_of` (scores
+    with their reasons are the bulk of a row: most events do not change them, and the others keep
+    the stored ones, which the scoring job may have moved meanwhile)."""
     if not states:
         return
     scored = {s.profile_id for s in states} if scores_of is None else set(scores_of)
@@ -289,19 +305,47 @@ async def save_many(
         ),
         {"rows": rows},
     )
-    # One row per identifier even if two profiles of the batch claim it (identity decides; the last wins).
-    added = list({
-        key: s.profile_id for s in states
-        for key in s.identifiers - (previous[s.profile_id].identifiers if s.profile_id in previous else frozenset())
-    }.items())
-    if added:
+
+
+def _exact(amount: float) -> Decimal:
+    """An amount of money (cents / 100) as the numeric the JSON number would have become."""
+    return Decimal(round(amount * 100)).scaleb(-2)
+
+
+# How `copy_profiles` hands these columns' values to COPY, where JSON would carry them as they are.
+_COPIED_AS: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(("traits", "trait_times", "categories", "registers", "scores"), convert.to_json),
+    "revenue": _exact, "refunded": _exact,
+}
+
+
+async def copy_profiles(conn: AsyncConnection, states: Sequence[ProfileState]) -> None:
+    """Writes new profiles, scored, with COPY: the rows `save_profiles` would write, for a table only
+    the caller fills (a rebuild's), where none of them is yet. The transaction must have begun."""
+    if not states:
+        return
+    columns = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS, *_SCORE_COLUMNS)
+    adapted = [_COPIED_AS.get(name) for name, _ in columns]
+    records = []
+    for state in states:
+        record = [value(state) for _, value in columns]
+        for i, adapt in enumerate(adapted):
+            if adapt is not None:
+                record[i] = adapt(record[i])
+        records.append(record)
+    await _copy(conn, "profiles", records, [name for name, _ in columns])
+
+
+async def claim_identifiers(conn: AsyncConnection, owners: Sequence[tuple[tuple[str, str], str]]) -> None:
+    """Identifiers ((type, value), profile id) to their profiles, wherever they were."""
+    if owners:
         await conn.execute(
             text(
                 "INSERT INTO identifiers (id_type, id_value, profile_id) "
                 "SELECT * FROM unnest(CAST(:t AS text[]), CAST(:v AS text[]), CAST(:p AS text[])) "
                 "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id"
             ),
-            {"t": [k[0] for k, _ in added], "v": [k[1] for k, _ in added], "p": [p for _, p in added]},
+            {"t": [k[0] for k, _ in owners], "v": [k[1] for k, _ in owners], "p": [p for _, p in owners]},
         )
 
 
@@ -364,6 +408,39 @@ async def record_events(conn: AsyncConnection, events: Sequence[Recorded]) -> se
         ])},
     )
     return {r.event_id for r in rows}
+
+
+_TIMELINE_COLUMNS = (
+    "event_id", "profile_id", "type", "name", "occurred_at", "source", "properties", "traits", "consent", "id_keys",
+)
+
+
+def timeline_record(e: Recorded, profile_id: str) -> tuple[Any, ...]:
+    """An event as a timeline row for `copy_timeline`, on `profile_id`'s timeline."""
+    return (
+        e.event_id, profile_id, e.type, e.name, e.occurred_at, e.source, convert.to_json(dict(e.properties)),
+        convert.to_json(dict(e.traits)), convert.to_json(dict(e.consent)), [id_key(t, v) for t, v in e.identifiers],
+    )
+
+
+async def copy_identifiers(conn: AsyncConnection, owners: Sequence[tuple[tuple[str, str], str]]) -> None:
+    """`claim_identifiers` with COPY, for identifiers the table does not hold (a rebuild's)."""
+    if owners:
+        await _copy(conn, "identifiers", [(t, v, p) for (t, v), p in owners], ("id_type", "id_value", "profile_id"))
+
+
+async def copy_timeline(conn: AsyncConnection, records: Sequence[tuple[Any, ...]]) -> None:
+    """Adds timeline rows with COPY (a duplicate event id fails it: for a table only the caller
+    fills, as a rebuild's). The connection's transaction must have begun (a statement ran in it)."""
+    if records:
+        await _copy(conn, "events", records, _TIMELINE_COLUMNS)
+
+
+async def _copy(conn: AsyncConnection, table: str, records: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+    """COPY through the connection's asyncpg connection, in its transaction (begun by a statement)."""
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    await raw.copy_records_to_table(table, records=records, columns=list(columns))
 
 
 def _recorded(row: Any) -> Recorded:
@@ -436,15 +513,36 @@ async def identifiers_of(conn: AsyncConnection, profile_id: str) -> frozenset[tu
 async def retire(conn: AsyncConnection, merged_ids: Sequence[str], survivor_id: str) -> None:
     """Merged-away profiles point at the survivor; their history moves with them."""
     params = {"m": list(merged_ids), "s": survivor_id}
-    await conn.execute(
-        text(
-            "INSERT INTO profiles (profile_id, merged_into) SELECT unnest(CAST(:m AS text[])), :s "
-            "ON CONFLICT (profile_id) DO UPDATE SET merged_into = EXCLUDED.merged_into, updated_at = now()"
-        ),
-        params,
-    )
+    await mark_merged(conn, dict.fromkeys(merged_ids, survivor_id))
     await conn.execute(text("UPDATE events SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
     await conn.execute(text("UPDATE identifiers SET profile_id = :s WHERE profile_id = ANY(:m)"), params)
+
+
+async def mark_merged(conn: AsyncConnection, survivors: Mapping[str, str]) -> None:
+    """Merged-away profiles (id -> survivor) point at their survivors; their rows keep the rest."""
+    if survivors:
+        await conn.execute(
+            text(
+                "INSERT INTO profiles (profile_id, merged_into) "
+                "SELECT * FROM unnest(CAST(:m AS text[]), CAST(:s AS text[])) "
+                "ON CONFLICT (profile_id) DO UPDATE SET merged_into = EXCLUDED.merged_into, updated_at = now()"
+            ),
+            {"m": list(survivors), "s": list(survivors.values())},
+        )
+
+
+async def move_history(conn: AsyncConnection, survivors: Mapping[str, str]) -> None:
+    """Timeline rows and identifiers of merged-away profiles (id -> survivor) go to their survivors,
+    in one statement per table (a join, for many at once: `retire` moves one merge's)."""
+    params = {"m": list(survivors), "s": list(survivors.values())}
+    for table in ("events", "identifiers"):
+        await conn.execute(
+            text(
+                f"UPDATE {table} t SET profile_id = m.survivor "
+                "FROM unnest(CAST(:m AS text[]), CAST(:s AS text[])) AS m(merged, survivor) WHERE t.profile_id = m.merged"
+            ),
+            params,
+        )
 
 
 async def current_id(conn: AsyncConnection, profile_id: str) -> str | None:
