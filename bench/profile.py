@@ -892,6 +892,15 @@ def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         return {p: statistics.median(r[key][p] for r in rows) for p in rows[0][key]}
 
     m: dict[str, Any] = {}
+    for kind in ("get_profile", "get_profile_light", "health") if raw["latency"] else ():  # not with --no-latency
+        rows = [r[kind] for r in raw["latency"]]
+        m[kind] = {k: med(rows, k) for k in LATENCY_KEYS if all(k in r for r in rows)}
+        m[kind]["cpu_us_per_request"] = costs(rows, "cpu_us_per_request")
+        m[kind]["foreign_cores"] = med(rows, "foreign_cores")
+    m["fingerprints"] = sorted({r["code_fingerprint"] for r in raw["live"]} | {r["fingerprint"] for r in raw["latency"]})
+    m["targets"] = {"get_profile_p99_under_5ms": m["get_profile"]["p99_ms"] < TARGET_P99_MS if raw["latency"] else None}
+    if not raw["live"]:  # --latency-only
+        return m
     for mode in ("nats_py", "puller"):
         rows = [r[mode] for r in raw["ceiling"]]
         m[f"ceiling_{mode}"] = {"events_per_s": med(rows, "events_per_s"), "cpu_us_per_event": costs(rows),
@@ -911,18 +920,41 @@ def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                                               "cpu_us_per_event": costs(rebuilds),
                                               "service_survived": all(r["service_survived"] for r in rebuilds),
                                               "foreign_cores": med(rebuilds, "foreign_cores")}
-    for kind in ("get_profile", "get_profile_light", "health"):
-        rows = [r[kind] for r in raw["latency"]]
-        m[kind] = {k: med(rows, k) for k in LATENCY_KEYS if all(k in r for r in rows)}
-        m[kind]["cpu_us_per_request"] = costs(rows, "cpu_us_per_request")
-        m[kind]["foreign_cores"] = med(rows, "foreign_cores")
-    m["fingerprints"] = sorted({r["code_fingerprint"] for r in live} | {r["fingerprint"] for r in raw["latency"]})
-    m["targets"] = {
+    m["targets"] |= {
         "live_at_least_10000_per_s": m["live"]["events_per_s"] >= TARGET_LIVE,
         "rebuild_at_least_20000_per_s": None if m["rebuild"] is None else m["rebuild"]["events_per_s"] >= TARGET_REBUILD,
-        "get_profile_p99_under_5ms": m["get_profile"]["p99_ms"] < TARGET_P99_MS,
     }
     return m
+
+
+def _throughput_rows(table: Any, m: dict[str, Any], raw: dict[str, list[dict[str, Any]]], runs: Callable[..., str],
+                     verdict: Callable[[bool | None], str], cost: Callable[[dict[str, float]], str]) -> None:
+    """The ceiling, live projection and rebuild rows of the table."""
+    ceiling = m["ceiling_nats_py"]["events_per_s"]
+    for mode, label in (("nats_py", "ceiling: nats-py pull, fetch 200, ack each"),
+                        ("puller", "reference: the services' Puller, 1 ack/batch")):
+        rows = [r[mode] for r in raw["ceiling"]]
+        c = m[f"ceiling_{mode}"]
+        table.add_row(label, f"{c['events_per_s']:,.0f} ev/s", runs(rows, "events_per_s", ",.0f"),
+                      f"{c['events_per_s'] / ceiling:.2f}x", "", f"{c['foreign_cores']:.2f}", "",
+                      cost(c["cpu_us_per_event"]))
+    live = m["live"]
+    table.add_row("live projection (profile-project)", f"{live['events_per_s']:,.0f} ev/s",
+                  runs(raw["live"], "events_per_s", ",.0f"), f"{live['vs_ceiling']:.2f}x",
+                  f">= 10,000 {verdict(m['targets']['live_at_least_10000_per_s'])}", f"{live['foreign_cores']:.2f}",
+                  f"{live['busy_cores']['profile']:.2f} / {live['busy_cores']['postgres']:.2f}",
+                  cost(live["cpu_us_per_event"]))
+    rebuild = m["rebuild"]
+    if rebuild is None:
+        table.add_row("rebuild (cdp replay profile)", "not measured", "", "", f">= 20,000 {verdict(None)}", "", "", "")
+    else:
+        rows = [r["rebuild"] for r in raw["live"] if r.get("rebuild")]
+        table.add_row("rebuild (cdp replay profile)", f"{rebuild['events_per_s']:,.0f} ev/s",
+                      runs(rows, "events_per_s", ",.0f"), f"{rebuild['events_per_s'] / ceiling:.2f}x",
+                      f">= 20,000 {verdict(m['targets']['rebuild_at_least_20000_per_s'])}",
+                      f"{rebuild['foreign_cores']:.2f}", "", cost(rebuild["cpu_us_per_event"]))
+        if not rebuild["service_survived"]:
+            table.add_row("  [red]the service exited after the rebuild[/]", "", "", "", "", "", "", "")
 
 
 def render(info: dict[str, Any], pg: dict[str, Any], args: argparse.Namespace, workload: Workload,
@@ -954,43 +986,21 @@ def render(info: dict[str, Any], pg: dict[str, Any], args: argparse.Namespace, w
     s = workload.summary
     mix = ", ".join(f"{k} {100 * v / s['resolved']:.0f}%" for k, v in list(s["mix"].items())[:9])
     console.print(f"[bold]Workload[/] {s['events']:,} events ({s['resolved']:,} resolved, {s['merges']} merges) over "
-                  f"{s['profiles_touched']:,} profiles, {s['bytes_per_event']:.0f} B/event ({mix}, ...); "
-                  f"GetProfile on {preload['profiles']:,} preloaded profiles ({preload['database_bytes'] / 2**20:.0f} "
+                  f"{s['profiles_touched']:,} profiles, {s['bytes_per_event']:.0f} B/event ({mix}, ...)"
+                  + ("; no GetProfile latency (--no-latency)" if not preload else
+                  f"; GetProfile on {preload['profiles']:,} preloaded profiles ({preload['database_bytes'] / 2**20:.0f} "
                   f"MiB, loaded in {preload['total_s']:.0f} s) at {args.rate:g}/s for {args.duration:g} s, and at "
                   f"{args.rate / LIGHT:g}/s for {args.duration / 2:g} s; health check at {args.rate:g}/s for "
-                  f"{args.duration / 2:g} s; {args.runs} runs, medians")
+                  f"{args.duration / 2:g} s") + f"; {args.runs} runs, medians")
     table = Table()
     for column in ("measurement", "median", "runs", "vs ceiling", "goal", "other load", "busy p / pg",
                    "CPU us/event c/n/p/pg"):
         table.add_column(column, justify="left" if column == "measurement" else "right")
-    ceiling = m["ceiling_nats_py"]["events_per_s"]
-    for mode, label in (("nats_py", "ceiling: nats-py pull, fetch 200, ack each"),
-                        ("puller", "reference: the services' Puller, 1 ack/batch")):
-        rows = [r[mode] for r in raw["ceiling"]]
-        c = m[f"ceiling_{mode}"]
-        table.add_row(label, f"{c['events_per_s']:,.0f} ev/s", runs(rows, "events_per_s", ",.0f"),
-                      f"{c['events_per_s'] / ceiling:.2f}x", "", f"{c['foreign_cores']:.2f}", "",
-                      cost(c["cpu_us_per_event"]))
-    live = m["live"]
-    table.add_row("live projection (profile-project)", f"{live['events_per_s']:,.0f} ev/s",
-                  runs(raw["live"], "events_per_s", ",.0f"), f"{live['vs_ceiling']:.2f}x",
-                  f">= 10,000 {verdict(m['targets']['live_at_least_10000_per_s'])}", f"{live['foreign_cores']:.2f}",
-                  f"{live['busy_cores']['profile']:.2f} / {live['busy_cores']['postgres']:.2f}",
-                  cost(live["cpu_us_per_event"]))
-    rebuild = m["rebuild"]
-    if rebuild is None:
-        table.add_row("rebuild (cdp replay profile)", "not measured", "", "", f">= 20,000 {verdict(None)}", "", "", "")
-    else:
-        rows = [r["rebuild"] for r in raw["live"] if r.get("rebuild")]
-        table.add_row("rebuild (cdp replay profile)", f"{rebuild['events_per_s']:,.0f} ev/s",
-                      runs(rows, "events_per_s", ",.0f"), f"{rebuild['events_per_s'] / ceiling:.2f}x",
-                      f">= 20,000 {verdict(m['targets']['rebuild_at_least_20000_per_s'])}",
-                      f"{rebuild['foreign_cores']:.2f}", "", cost(rebuild["cpu_us_per_event"]))
-        if not rebuild["service_survived"]:
-            table.add_row("  [red]the service exited after the rebuild[/]", "", "", "", "", "", "", "")
+    if "live" in m:  # not with --latency-only
+        _throughput_rows(table, m, raw, runs, verdict, cost)
     for kind, label, rate in (("get_profile", "GetProfile", args.rate),
                               ("get_profile_light", "GetProfile", args.rate / LIGHT),
-                              ("health", "health check (floor)", args.rate)):
+                              ("health", "health check (floor)", args.rate)) if raw["latency"] else ():
         lat = m[kind]
         rows = [r[kind] for r in raw["latency"]]
         label = f"{label} {rate:g}/s"
@@ -1013,8 +1023,9 @@ def render(info: dict[str, Any], pg: dict[str, Any], args: argparse.Namespace, w
         "busy with processes outside this bench while measuring (0 = quiet). busy p / pg = cores the profile process / "
         "all PostgreSQL processes used. CPU us/event = CPU per event (per request for the latency rows) of the bench "
         "client / nats-server / profile / PostgreSQL. Latencies are timed from the scheduled send (open loop) unless "
-        f"marked; live start-up (launch to first delivery, untimed) {live['startup_s']:.1f} s; "
-        f"{live['profile_changed_per_event']:.2f} profile_changed published per event.")
+        "marked" + ("" if "live" not in m else
+                    f"; live start-up (launch to first delivery, untimed) {m['live']['startup_s']:.1f} s; "
+                    f"{m['live']['profile_changed_per_event']:.2f} profile_changed published per event") + ".")
 
 
 # --- profile ----------------------------------------------------------------------------------------
@@ -1172,13 +1183,13 @@ async def profile(args: argparse.Namespace, servers: Any, workload: Workload, ou
 async def bench(args: argparse.Namespace, servers: Any, workload: Workload,
                 tmp: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     raw: dict[str, list[dict[str, Any]]] = {"ceiling": [], "live": [], "latency": []}
-    can_rebuild = rebuild_available()
-    if not can_rebuild:
+    can_rebuild = not args.latency_only and rebuild_available()
+    if not can_rebuild and not args.latency_only:
         print("rebuild: not measured (cdp replay profile not available)", flush=True)
     passes = max(1, math.ceil(CEILING_MIN_EVENTS / len(workload.items)))
     async with idb.Log(servers.nats_url) as log:
-        preload = await build_preload(log, servers, args.profiles)
-        print(f"preload: {preload['profiles']:,} profiles ({preload['customers']:,} customers, "
+        preload: dict[str, Any] = {} if args.no_latency else await build_preload(log, servers, args.profiles)
+        print("preload: none (--no-latency)" if not preload else f"preload: {preload['profiles']:,} profiles ({preload['customers']:,} customers, "
               f"{preload['identifiers']:,} identifiers, {preload['database_bytes'] / 2**20:.0f} MiB) in "
               f"{preload['total_s']:.1f} s: migrations {preload['migrate_s']:.1f} s, fold + score "
               f"{preload['fold_score_s']:.1f} s, save_many {preload['save_s']:.1f} s, VACUUM ANALYZE "
@@ -1190,6 +1201,14 @@ async def bench(args: argparse.Namespace, servers: Any, workload: Workload,
             if load > QUIET_CORES:
                 print(f"note: {load:.2f} cores busy with other processes before run {run + 1}", flush=True)
             began = time.perf_counter()
+            if args.latency_only:
+                raw["latency"].append(await measure_latency(log, servers, preload, args, run, tmp))
+                lat = raw["latency"][-1]
+                print(f"run {run + 1}/{args.runs} ({time.perf_counter() - began:.0f} s): GetProfile p50/p99 "
+                      f"{lat['get_profile']['p50_ms']:.2f}/{lat['get_profile']['p99_ms']:.2f} ms, health "
+                      f"{lat['health']['p50_ms']:.2f}/{lat['health']['p99_ms']:.2f} ms; other load up to "
+                      f"{lat['get_profile']['foreign_cores']:.2f} cores", flush=True)
+                continue
             raw["ceiling"].append(await measure_ceiling(log, servers, workload, passes))
             raw["live"].append(await measure_live(log, servers, workload, "p", rebuild=can_rebuild))
             live = raw["live"][-1]
@@ -1197,17 +1216,21 @@ async def bench(args: argparse.Namespace, servers: Any, workload: Workload,
                 print(f"warning: the live projection lasted only {live['seconds']:.1f} s; use --events "
                       f"{math.ceil(len(workload.items) * 10 / live['seconds'] / 1000) * 1000} or more for about 10 s",
                       flush=True)
-            raw["latency"].append(await measure_latency(log, servers, preload, args, run, tmp))
-            lat, c = raw["latency"][-1], raw["ceiling"][-1]
+            c = raw["ceiling"][-1]
             rebuilt = f"{live['rebuild']['events_per_s']:,.0f} ev/s" if live.get("rebuild") else "not measured"
             print(f"run {run + 1}/{args.runs} ({time.perf_counter() - began:.0f} s): ceiling "
                   f"{c['nats_py']['events_per_s']:,.0f} ev/s (Puller {c['puller']['events_per_s']:,.0f}); live "
-                  f"{live['events_per_s']:,.0f} ev/s; rebuild {rebuilt}; GetProfile p50/p99 "
-                  f"{lat['get_profile']['p50_ms']:.2f}/{lat['get_profile']['p99_ms']:.2f} ms, health "
-                  f"{lat['health']['p50_ms']:.2f}/{lat['health']['p99_ms']:.2f} ms; other load up to "
-                  f"{max(c['nats_py']['foreign_cores'], live['foreign_cores'], lat['get_profile']['foreign_cores']):.2f}"
-                  " cores", flush=True)
-        await servers.drop_database(preload["database"])
+                  f"{live['events_per_s']:,.0f} ev/s; rebuild {rebuilt}; other load up to "
+                  f"{max(c['nats_py']['foreign_cores'], live['foreign_cores']):.2f} cores", flush=True)
+            if preload:
+                raw["latency"].append(await measure_latency(log, servers, preload, args, run, tmp))
+                lat = raw["latency"][-1]
+                print(f"run {run + 1}/{args.runs}: GetProfile p50/p99 {lat['get_profile']['p50_ms']:.2f}/"
+                      f"{lat['get_profile']['p99_ms']:.2f} ms, health {lat['health']['p50_ms']:.2f}/"
+                      f"{lat['health']['p99_ms']:.2f} ms; other load up to {lat['get_profile']['foreign_cores']:.2f} "
+                      "cores", flush=True)
+        if preload:
+            await servers.drop_database(preload["database"])
     return raw, preload
 
 
@@ -1225,6 +1248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SQL per event (pg_stat_statements) and cProfile of the live projection, instead")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to this long for other processes to leave the CPU idle")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the GetProfile latency part (preload, then health check and GetProfile each run)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the GetProfile latency part (no preload): ceiling, live projection and rebuild only")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (nats store, PostgreSQL data, logs)")
     parser.add_argument("--latency-client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1260,7 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             document |= {"settings": vars(args) | {"json": str(out)}, "profile": report}
         else:
             raw, preload = ib.run_async(bench(args, servers, workload, tmp))
-            preload.pop("keys")
+            preload.pop("keys", None)
             medians = summarize(raw)
             render(info, pg, args, workload, preload, raw, medians)
             out = args.json or results_dir / f"profile-{stamp}.json"
