@@ -65,7 +65,8 @@ def conversions_csv(rows: list[dict[str, Any]]) -> bytes:
 
 
 async def configure(
-    segmentation: segmentation_pb2_grpc.SegmentationServiceStub, activation: activation_pb2_grpc.ActivationServiceStub,
+    segmentation: segmentation_pb2_grpc.SegmentationServiceAsyncStub,
+    activation: activation_pb2_grpc.ActivationServiceAsyncStub,
     segments: list[dict[str, Any]] | None = None, campaigns: list[dict[str, Any]] | None = None, seeds: Path = SEEDS,
 ) -> None:
     """Puts segments and campaigns, as seeds/demo's JSON files spell them (by default those files)."""

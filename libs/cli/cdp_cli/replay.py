@@ -54,9 +54,9 @@ async def _rebuild(address: str, console: Console) -> int:
         console.print("cdp replay: the profile service ended the rebuild before it was done; the current "
                       "read model is unchanged")
         return 1
-    rate = last.events / last.seconds if last.seconds else 0.0
+    overall = last.events / last.seconds if last.seconds else 0.0
     console.print(f"profile rebuilt from the log: {last.events:,} events up to sequence {last.sequence:,} "
-                  f"in {last.seconds:.1f}s ({rate:,.0f} events/s), {last.skipped:,} skipped; now serving from it")
+                  f"in {last.seconds:.1f}s ({overall:,.0f} events/s), {last.skipped:,} skipped; now serving from it")
     return 0
 
 

@@ -155,7 +155,8 @@ async def check_health(address: str) -> tuple[str, str]:
     """(health status or "unreachable", why it is unreachable)."""
     async with grpc.aio.insecure_channel(address) as channel:
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking declares HealthStub without its method attributes.
+            reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             return UNREACHABLE, f"{error.code().name}: {error.details()}"

@@ -118,6 +118,14 @@ def infrastructure_failure(error: BaseException) -> bool:
     return isinstance(error, OperationalError | InterfaceError | ConnectionError | OSError)
 
 
+def _decoded(msgs: Sequence[Msg]) -> list[event_pb2.Event] | None:
+    """The batch's events; None if one does not decode (the per-event path dead-letters it)."""
+    try:
+        return [eventlog.decode(msg.data) for msg in msgs]
+    except Exception:  # noqa: BLE001 - any undecodable payload
+        return None
+
+
 class Consumer:
     def __init__(
         self,
@@ -374,18 +382,14 @@ class Consumer:
         fresh = [msg for msg in msgs if msg.metadata.sequence.stream > after]
         if len(fresh) < 2 or fresh[0].metadata.sequence.stream <= self._plain_through:
             return None
-        try:
-            events = [eventlog.decode(msg.data) for msg in fresh]
-        except Exception:  # noqa: BLE001 - the per-event path dead-letters the bad one
+        events = _decoded(fresh)
+        if events is None:
             return None
         try:
             async with self._engine.connect() as conn:
                 planned = await self._pipeline.plan(conn, events)
-        except Exception as error:  # noqa: BLE001 - decided below
-            if infrastructure_failure(error):
-                raise
-            self.handler_errors += 1
-            log.warning("batch_handler_failed", error=repr(error), messages=len(fresh))
+        except Exception as error:  # noqa: BLE001 - decided in _declined
+            self._declined(error, len(fresh))
             return None
         if planned is None:
             return None
@@ -446,7 +450,7 @@ class Consumer:
         async with self._engine.begin() as conn:
             await self._outbox.delete(conn, deleting)
             # Creates the row on first use and locks it: a second applier waits here, then skips.
-            applied_up_to = (
+            applied_up_to: int = (
                 await conn.execute(
                     text(
                         f"INSERT INTO {self._schema}.checkpoints AS c (consumer) VALUES (:c) ON CONFLICT (consumer) "
@@ -525,23 +529,27 @@ class Consumer:
                 await self._outbox.delete(conn, self._published)
             self._published = []
 
+    def _declined(self, error: Exception, messages: int) -> None:
+        """A whole-batch path failed: an infrastructure failure fails the batch; anything else is
+        counted, and the caller takes the batch a plainer way (down to message by message)."""
+        if infrastructure_failure(error):
+            raise error
+        self.handler_errors += 1
+        log.warning("batch_handler_failed", error=repr(error), messages=messages)
+
     async def _apply_batch(self, conn: AsyncConnection, msgs: Sequence[Msg], added: list[Added]) -> bool:
         """The whole batch through the batch handler, in one savepoint; False to go one by one."""
         if self._batch_handler is None or len(msgs) < 2:
             return False
-        try:
-            events = [eventlog.decode(msg.data) for msg in msgs]
-        except Exception:  # noqa: BLE001 - the per-event path dead-letters the bad one
+        events = _decoded(msgs)
+        if events is None:
             return False
         try:
             async with conn.begin_nested():
                 outgoing = await self._batch_handler(conn, events)
                 added.append(await self._outbox.add(conn, outgoing))
-        except Exception as error:  # noqa: BLE001 - decided below
-            if infrastructure_failure(error):
-                raise
-            self.handler_errors += 1
-            log.warning("batch_handler_failed", error=repr(error), messages=len(msgs))
+        except Exception as error:  # noqa: BLE001 - decided in _declined
+            self._declined(error, len(msgs))
             return False
         self.applied += len(events)
         return True
@@ -549,8 +557,8 @@ class Consumer:
     async def _apply(self, conn: AsyncConnection, msg: Msg) -> Sequence[eventlog.Outgoing]:
         try:
             event = eventlog.decode(msg.data)
-        except Exception as error:  # noqa: BLE001 - undecodable bytes can never succeed
-            return [self._dead_letter(msg, f"undecodable payload: {error}", attempts=1)]
+        except Exception as undecodable:  # noqa: BLE001 - undecodable bytes can never succeed
+            return [self._dead_letter(msg, f"undecodable payload: {undecodable}", attempts=1)]
         error: BaseException | None = None
         with structlog.contextvars.bound_contextvars(
             event_id=event.id, correlation_id=event.correlation_id or event.id

@@ -76,7 +76,7 @@ async def migrate(engine: AsyncEngine, schema: str, migrations: Sequence[Migrati
                 "version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
         )
-        done = set((await conn.execute(text(f"SELECT version FROM {schema}.schema_migrations"))).scalars())
+        done: set[int] = set((await conn.execute(text(f"SELECT version FROM {schema}.schema_migrations"))).scalars())
         applied = 0
         for version, statements in enumerate(steps, start=1):
             if version in done:

@@ -111,9 +111,9 @@ class Topology:
 
 async def provision_streams(js: JetStreamContext, topology: Topology, replicas: int = 1) -> None:
     """Creates or updates every stream; safe to run from every service at every start."""
-    for config in topology.stream_configs(replicas):
+    for area, config in zip(AREAS, topology.stream_configs(replicas), strict=True):
         try:
-            await js.stream_info(config.name)
+            await js.stream_info(topology.stream(area))  # == config.name, typed str
         except nats.js.errors.NotFoundError:
             try:
                 await js.add_stream(config)

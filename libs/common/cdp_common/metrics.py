@@ -210,10 +210,10 @@ class _Recorder:
         self._seconds = seconds.labels(service, name)
         self._by_code: dict[str, Any] = {}
 
-    def start(self, context: grpc.aio.ServicerContext) -> float:
+    def start(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         return time.perf_counter()
 
-    def end(self, started: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+    def end(self, started: float, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
         self._seconds.observe(time.perf_counter() - started)
         code = rpc.call_status(context, error).name
         counter = self._by_code.get(code)

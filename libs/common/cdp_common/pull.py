@@ -46,8 +46,8 @@ class _Request:
     async def on_msg(self, msg: Msg) -> None:
         if self.done.done():
             return  # a request given up on; JetStream redelivers its messages
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status is None:
             self.msgs.append(msg)
             if len(self.msgs) >= self.size:

@@ -14,12 +14,12 @@ import grpc
 class CallObserver(Protocol):
     """Sees one method's calls: `start` before the servicer runs, `end` after its last response."""
 
-    def start(self, context: grpc.aio.ServicerContext) -> Any: ...
+    def start(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any: ...
 
-    def end(self, started: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None: ...
+    def end(self, started: Any, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None: ...
 
 
-class PerMethodInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class PerMethodInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each method's handler once (`wrap`), on its first call; this runs on every call."""
 
     def __init__(self) -> None:
@@ -64,7 +64,7 @@ def _observed(handler: Any, observer: CallObserver) -> Any:
 
 
 def _unary(behavior: Callable[..., Any], observer: CallObserver) -> Callable[..., Any]:
-    async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started, error = observer.start(context), None
         try:
             result = behavior(request, context)
@@ -79,7 +79,7 @@ def _unary(behavior: Callable[..., Any], observer: CallObserver) -> Callable[...
 
 
 def _streaming(behavior: Callable[..., Any], observer: CallObserver) -> Callable[..., AsyncIterator[Any]]:
-    async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started, error = observer.start(context), None
         try:
             result = behavior(request, context)
@@ -100,7 +100,7 @@ def _streaming(behavior: Callable[..., Any], observer: CallObserver) -> Callable
     return observed
 
 
-def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+def call_status(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
     """The status the call ended with: set by the handler (or its abort), else from how it ended."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):

@@ -119,7 +119,7 @@ class _CorrelationInterceptor(rpc.PerMethodInterceptor):
         if handler.stream_stream is not None:
             streamed = handler.stream_stream
 
-            async def wrapped_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def wrapped_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async def parsed() -> Any:
                     async for raw in requests:
                         yield await parse(raw, context)
@@ -134,7 +134,7 @@ class _CorrelationInterceptor(rpc.PerMethodInterceptor):
             return handler
         inner = handler.unary_unary
 
-        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request = await parse(raw, context)
             metadata = context.invocation_metadata() or ()
             given = next((value for key, value in metadata if key == CORRELATION_METADATA), None)
@@ -145,7 +145,7 @@ class _CorrelationInterceptor(rpc.PerMethodInterceptor):
 
 
 def _parser(deserialize: Callable[[bytes], Any] | None) -> Callable[..., Awaitable[Any]]:
-    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if deserialize is None:
             return raw
         try:
@@ -183,7 +183,7 @@ class Running:
         """
         while True:
             consumers = [c for c in self.runtime.consumers if c.task is not None]
-            watched = [*self.runtime.background, *(c.task for c in consumers if not c.stopped)]
+            watched = [*self.runtime.background, *(c.task for c in consumers if c.task is not None and not c.stopped)]
             done: set[asyncio.Task[Any]] = set()
             if watched:
                 done, _ = await asyncio.wait(watched, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)

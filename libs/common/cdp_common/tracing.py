@@ -109,9 +109,11 @@ def stamp(event: event_pb2.Event, context: Trace) -> None:
         event.tracestate = context.tracestate
 
 
-def grpc_trace(context: grpc.aio.ServicerContext) -> Trace:
+def grpc_trace(context: grpc.aio.ServicerContext[Any, Any]) -> Trace:
     """`request_trace` of a gRPC call."""
-    return request_trace({key: value for key, value in context.invocation_metadata() or () if key in _KEYS})
+    # Only `-bin` keys carry bytes values: the trace keys are always text.
+    metadata = context.invocation_metadata() or ()
+    return request_trace({key: value for key, value in metadata if key in _KEYS and isinstance(value, str)})
 
 
 class Tracing:
@@ -231,7 +233,7 @@ class _RpcSpans:
         service, _, name = self._name.rpartition("/")
         self._attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
-    def start(self, context: grpc.aio.ServicerContext) -> tuple[trace.Span, Any]:
+    def start(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[trace.Span, Any]:
         carrier = {key: value for key, value in context.invocation_metadata() or () if key in _KEYS}
         span = self._tracer.start_span(
             self._name, context=_PROPAGATOR.extract(carrier), kind=trace.SpanKind.SERVER,
@@ -241,7 +243,7 @@ class _RpcSpans:
         current.__enter__()
         return span, current
 
-    def end(self, started: tuple[trace.Span, Any], context: grpc.aio.ServicerContext,
+    def end(self, started: tuple[trace.Span, Any], context: grpc.aio.ServicerContext[Any, Any],
             error: BaseException | None) -> None:
         span, current = started
         current.__exit__(None, None, None)

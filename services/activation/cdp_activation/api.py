@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,11 +17,15 @@ def _message(c: core.Campaign, sent: int = 0) -> activation_pb2.Campaign:
     )
 
 
-class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):  # type: ignore[misc]
+class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def PutCampaign(self, request: activation_pb2.Campaign, context: grpc.aio.ServicerContext) -> Any:
+    async def PutCampaign(
+        self,
+        request: activation_pb2.Campaign,
+        context: grpc.aio.ServicerContext[activation_pb2.Campaign, activation_pb2.Campaign],
+    ) -> activation_pb2.Campaign:
         try:
             campaign = core.check_campaign(
                 core.Campaign(
@@ -38,8 +41,10 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):  # type
         return _message(campaign)
 
     async def ListCampaigns(
-        self, request: activation_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
+        self,
+        request: activation_pb2.ListCampaignsRequest,
+        context: grpc.aio.ServicerContext[activation_pb2.ListCampaignsRequest, activation_pb2.ListCampaignsResponse],
+    ) -> activation_pb2.ListCampaignsResponse:
         async with self._engine.connect() as conn:
             campaigns = await store.campaigns(conn)
             sent = await store.sent_counts(conn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,7 +23,7 @@ def make_handler(on_queued: Callable[[], None]) -> Handler:
         if event.type != "segment_entered":
             return []
         membership = event.membership
-        profile = {
+        profile: dict[str, Any] = {
             "profile_id": membership.profile.profile_id,
             "traits": convert.struct_to_dict(membership.profile.traits),
             "order_count": membership.profile.order_count,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import Result, Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_activation.core import Campaign
@@ -66,7 +66,7 @@ async def put_campaign(conn: AsyncConnection, c: Campaign) -> None:
 
 
 async def campaigns(conn: AsyncConnection, segment_id: str | None = None) -> list[Campaign]:
-    rows = await conn.execute(
+    rows: Result[str, str, str, str, str, str] = await conn.execute(
         text(
             "SELECT campaign_id, segment_id, channel, from_address, subject_template, body_template "
             "FROM activation.campaigns WHERE CAST(:seg AS text) IS NULL OR segment_id = :seg ORDER BY campaign_id"
@@ -111,7 +111,7 @@ async def pending_ids(conn: AsyncConnection, limit: int) -> list[str]:
 async def claim(conn: AsyncConnection, send_id: str) -> Send | None:
     """Marks one pending send `sending` (an attempt more); None if it is no longer pending (another
     sender claimed it). Committed before the message goes to the SMTP server."""
-    row = (
+    row: Row[str, str, str, str, str, str, str, str, int] | None = (
         await conn.execute(
             text(
                 "UPDATE activation.sends s SET status = 'sending', attempts = s.attempts + 1 "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import grpc
 import structlog
@@ -16,15 +15,17 @@ from cdp_dmp import core, store
 log = structlog.get_logger("cdp.dmp")
 
 
-class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[misc]
+class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):
     def __init__(self, engine: AsyncEngine, publisher: eventlog.Publisher, topology: eventlog.Topology) -> None:
         self._engine = engine
         self._publisher = publisher
         self._topology = topology
 
     async def ExportAudience(
-        self, request: dmp_pb2.ExportAudienceRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
+        self,
+        request: dmp_pb2.ExportAudienceRequest,
+        context: grpc.aio.ServicerContext[dmp_pb2.ExportAudienceRequest, dmp_pb2.ExportAudienceResponse],
+    ) -> dmp_pb2.ExportAudienceResponse:
         if not request.segment_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "segment_id is required")
         if "\x00" in request.segment_id:  # PostgreSQL text cannot hold it: no segment has it
@@ -36,8 +37,10 @@ class DmpBridgeServicer(dmp_pb2_grpc.DmpBridgeServiceServicer):  # type: ignore[
         return dmp_pb2.ExportAudienceResponse(segment_id=request.segment_id, row_count=len(set(hashes)), csv=data)
 
     async def ImportConversions(
-        self, request: dmp_pb2.ImportConversionsRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
+        self,
+        request: dmp_pb2.ImportConversionsRequest,
+        context: grpc.aio.ServicerContext[dmp_pb2.ImportConversionsRequest, dmp_pb2.ImportConversionsResponse],
+    ) -> dmp_pb2.ImportConversionsResponse:
         try:
             platform = core.check_platform(request.platform)
             conversions = core.parse_conversions(request.csv, eventlog.now())

@@ -39,7 +39,7 @@ def _graph(row: store.GraphRow) -> identity_pb2.Graph:
     return graph
 
 
-class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: ignore[misc]
+class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(
         self, engine: AsyncEngine, publisher: eventlog.Publisher, topology: eventlog.Topology, rules: core.Rules
     ) -> None:
@@ -48,7 +48,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
         self._topology = topology
         self._rules = rules
 
-    async def _key(self, identifier: event_pb2.Identifier, context: grpc.aio.ServicerContext,
+    async def _key(self, identifier: event_pb2.Identifier, context: grpc.aio.ServicerContext[Any, Any],
                    field: str = "identifier") -> core.Key:
         if not identifier.type:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.type is required")
@@ -60,7 +60,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.value is blocked or malformed")
         return key
 
-    async def Resolve(self, request: identity_pb2.ResolveRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Resolve(
+        self,
+        request: identity_pb2.ResolveRequest,
+        context: grpc.aio.ServicerContext[identity_pb2.ResolveRequest, identity_pb2.ResolveResponse],
+    ) -> identity_pb2.ResolveResponse:
         key = await self._key(request.identifier, context)
         async with self._engine.connect() as conn:
             profile_id = await store.resolve(conn, key)
@@ -68,12 +72,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no profile holds {key[0]}={request.identifier.value}")
         return identity_pb2.ResolveResponse(profile_id=profile_id)
 
-    async def _refuse_nul(self, context: grpc.aio.ServicerContext, **fields: str | Sequence[str]) -> None:
+    async def _refuse_nul(self, context: grpc.aio.ServicerContext[Any, Any], **fields: str | Sequence[str]) -> None:
         field = identifiers.nul_in(**fields)
         if field is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: contains the character U+0000")
 
-    async def GetGraph(self, request: identity_pb2.GetGraphRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetGraph(
+        self,
+        request: identity_pb2.GetGraphRequest,
+        context: grpc.aio.ServicerContext[identity_pb2.GetGraphRequest, identity_pb2.Graph],
+    ) -> identity_pb2.Graph:
         await self._refuse_nul(context, profile_id=request.profile_id)
         which = request.WhichOneof("key")
         async with self._engine.connect() as conn:
@@ -89,12 +97,20 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such profile")
         return _graph(row)
 
-    async def GetStats(self, request: identity_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetStats(
+        self,
+        request: identity_pb2.GetStatsRequest,
+        context: grpc.aio.ServicerContext[identity_pb2.GetStatsRequest, identity_pb2.GetStatsResponse],
+    ) -> identity_pb2.GetStatsResponse:
         async with self._engine.connect() as conn:
             profiles, ids, merges = await store.stats(conn)
         return identity_pb2.GetStatsResponse(profiles=profiles, identifiers=ids, merges=merges)
 
-    async def Merge(self, request: identity_pb2.MergeRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Merge(
+        self,
+        request: identity_pb2.MergeRequest,
+        context: grpc.aio.ServicerContext[identity_pb2.MergeRequest, identity_pb2.Graph],
+    ) -> identity_pb2.Graph:
         await self._refuse_nul(context, survivor_id=request.survivor_id, profile_ids=list(request.profile_ids))
         others = [p for p in dict.fromkeys(request.profile_ids) if p != request.survivor_id]
         if not request.survivor_id:
@@ -123,7 +139,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.ABORTED, "the profiles changed meanwhile; the merge was refused")
         return _graph(row)
 
-    async def Split(self, request: identity_pb2.SplitRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Split(
+        self,
+        request: identity_pb2.SplitRequest,
+        context: grpc.aio.ServicerContext[identity_pb2.SplitRequest, identity_pb2.SplitResponse],
+    ) -> identity_pb2.SplitResponse:
         await self._refuse_nul(context, profile_id=request.profile_id)
         if not request.profile_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "profile_id is required")
@@ -150,13 +170,17 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):  # type: igno
             await context.abort(grpc.StatusCode.ABORTED, "the profile changed meanwhile; the split was refused")
         return identity_pb2.SplitResponse(source=_graph(source), split_off=_graph(split_off))
 
-    def _command(self, kind: str, context: grpc.aio.ServicerContext) -> event_pb2.Event:
+    def _command(self, kind: str, context: grpc.aio.ServicerContext[Any, Any]) -> event_pb2.Event:
         command = eventlog.new_event(kind, event_id=str(uuid.uuid4()), source="identity-operator")
         command.correlation_id = correlation_id()
         tracing.stamp(command, tracing.grpc_trace(context))
         return command
 
-    async def _append_and_wait(self, command: event_pb2.Event, context: grpc.aio.ServicerContext) -> None:
+    async def _append_and_wait(
+        self,
+        command: event_pb2.Event,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
         """Appends the request to the collected log, so that it is applied in order with the events
         (and again, identically, by a replay), then waits for the resolver to have applied it."""
         try:

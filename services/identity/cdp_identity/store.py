@@ -69,7 +69,7 @@ async def owners(conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, str]:
         ),
         {"keys": convert.to_json([{"t": t, "v": v} for t, v in keys])},
     )
-    return {(id_type, id_value): profile_id for id_type, id_value, profile_id in rows}
+    return {(r.id_type, r.id_value): r.profile_id for r in rows}
 
 
 async def known(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, Known]:
@@ -84,15 +84,15 @@ async def known(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, 
         {"ids": list(profile_ids)},
     )
     profiles = {r.profile_id: (r.created_at, r.merge_count) for r in rows}
-    held: dict[str, dict[Key, object]] = {p: {} for p in profiles}
+    held: dict[str, dict[Key, datetime]] = {p: {} for p in profiles}
     rows = await conn.execute(
         text("SELECT id_type, id_value, profile_id, last_seen FROM identity.identifiers WHERE profile_id = ANY(:ids)"),
         {"ids": list(profiles)},
     )
-    for id_type, id_value, profile_id, last_seen in rows:
-        held[profile_id][(id_type, id_value)] = last_seen
+    for r in rows:
+        held[r.profile_id][(r.id_type, r.id_value)] = r.last_seen
     return {
-        p: Known(p, created, merges, held[p])  # type: ignore[arg-type]
+        p: Known(p, created, merges, held[p])
         for p, (created, merges) in profiles.items()
     }
 

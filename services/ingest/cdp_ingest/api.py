@@ -68,13 +68,14 @@ def _item_result(result: Result) -> ingest_pb2.ItemResult:
     )
 
 
-class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[misc]
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, ingestor: Ingestor, keys: WriteKeys) -> None:
         self._ingestor = ingestor
         self._keys = keys
 
-    async def _source(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata() or ())
+    async def _source(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        # Only `-bin` keys carry bytes values; the keys read here are text.
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         key = metadata.get("x-write-key") or WriteKeys.from_basic(metadata.get("authorization"))
         source = self._keys.source(key, "grpc")
         if source is None:
@@ -83,7 +84,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             )
         return source
 
-    async def _single(self, kind: str, request: Message, context: grpc.aio.ServicerContext) -> Any:
+    async def _single(
+        self, kind: str, request: Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingest_pb2.IngestResponse:
         source = await self._source(context)
         try:
             item: core.Incoming | core.InvalidField = to_incoming(kind, request, self._keys.open)
@@ -102,25 +105,53 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
             event_id=result.event_id, stream_sequence=result.sequence, duplicate=result.duplicate
         )
 
-    async def Track(self, request: ingest_pb2.TrackRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Track(
+        self,
+        request: ingest_pb2.TrackRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.TrackRequest, ingest_pb2.IngestResponse],
+    ) -> ingest_pb2.IngestResponse:
         return await self._single("track", request, context)
 
-    async def Identify(self, request: ingest_pb2.IdentifyRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Identify(
+        self,
+        request: ingest_pb2.IdentifyRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.IdentifyRequest, ingest_pb2.IngestResponse],
+    ) -> ingest_pb2.IngestResponse:
         return await self._single("identify", request, context)
 
-    async def Alias(self, request: ingest_pb2.AliasRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Alias(
+        self,
+        request: ingest_pb2.AliasRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.AliasRequest, ingest_pb2.IngestResponse],
+    ) -> ingest_pb2.IngestResponse:
         return await self._single("alias", request, context)
 
-    async def Page(self, request: ingest_pb2.PageRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Page(
+        self,
+        request: ingest_pb2.PageRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.PageRequest, ingest_pb2.IngestResponse],
+    ) -> ingest_pb2.IngestResponse:
         return await self._single("page", request, context)
 
-    async def Screen(self, request: ingest_pb2.ScreenRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Screen(
+        self,
+        request: ingest_pb2.ScreenRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.ScreenRequest, ingest_pb2.IngestResponse],
+    ) -> ingest_pb2.IngestResponse:
         return await self._single("screen", request, context)
 
-    async def Group(self, request: ingest_pb2.GroupRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Group(
+        self,
+        request: ingest_pb2.GroupRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.GroupRequest, ingest_pb2.IngestResponse],
+    ) -> ingest_pb2.IngestResponse:
         return await self._single("group", request, context)
 
-    async def Batch(self, request: ingest_pb2.BatchRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Batch(
+        self,
+        request: ingest_pb2.BatchRequest,
+        context: grpc.aio.ServicerContext[ingest_pb2.BatchRequest, ingest_pb2.BatchResponse],
+    ) -> ingest_pb2.BatchResponse:
         source = await self._source(context)
         if len(request.items) > core.MAX_BATCH_EVENTS:
             await context.abort(
@@ -134,7 +165,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):  # type: ignore[mis
         )
 
     async def Import(
-        self, request_iterator: AsyncIterator[ingest_pb2.BatchItem], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[ingest_pb2.BatchItem],
+        context: grpc.aio.ServicerContext[ingest_pb2.BatchItem, ingest_pb2.ItemResult],
     ) -> AsyncIterator[ingest_pb2.ItemResult]:
         source = await self._source(context)
         trace = tracing.grpc_trace(context)

@@ -126,8 +126,10 @@ class Collector:
         )
         if any(r.outcome not in (OK, INVALID) for r in results):
             return _unavailable(next(r.error for r in results if r.outcome not in (OK, INVALID)))
-        rejected = [{"index": r.index, "messageId": r.event_id, "error": _message(r)} for r in results
-                    if r.outcome == INVALID]
+        rejected: list[dict[str, Any]] = [
+            {"index": r.index, "messageId": r.event_id, "error": _message(r)} for r in results
+            if r.outcome == INVALID
+        ]
         stored = len(results) - len(rejected)
         log.info("batch_collected", events=len(results), stored=stored)
         if results and stored == 0:

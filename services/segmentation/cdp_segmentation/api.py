@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,13 +15,17 @@ from cdp_segmentation import core, store
 from cdp_segmentation.handlers import evaluate_segment
 
 
-class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):  # type: ignore[misc]
+class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
     def __init__(self, engine: AsyncEngine, outbox: Outbox, topology: eventlog.Topology) -> None:
         self._engine = engine
         self._outbox = outbox
         self._topology = topology
 
-    async def PutSegment(self, request: segmentation_pb2.Segment, context: grpc.aio.ServicerContext) -> Any:
+    async def PutSegment(
+        self,
+        request: segmentation_pb2.Segment,
+        context: grpc.aio.ServicerContext[segmentation_pb2.Segment, segmentation_pb2.Segment],
+    ) -> segmentation_pb2.Segment:
         try:
             segment = core.parse_segment(
                 request.id, request.name, [(c.field, c.op, c.value) for c in request.conditions]
@@ -43,8 +46,10 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):  
                                          size=size)
 
     async def ListSegments(
-        self, request: segmentation_pb2.ListSegmentsRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
+        self,
+        request: segmentation_pb2.ListSegmentsRequest,
+        context: grpc.aio.ServicerContext[segmentation_pb2.ListSegmentsRequest, segmentation_pb2.ListSegmentsResponse],
+    ) -> segmentation_pb2.ListSegmentsResponse:
         async with self._engine.connect() as conn:
             segments = await store.segments(conn)
             sizes = await store.sizes(conn)

@@ -166,7 +166,8 @@ async def evaluate_segment(
     await store.lock(conn)
     current = await store.members(conn, segment.segment_id)
     out: list[eventlog.Outgoing] = []
-    entered, exited = [], []
+    entered: list[str] = []
+    exited: list[str] = []
     for profile_id, profile_facts, raw in await store.profiles(conn):
         inside = core.matches(segment, profile_facts, now)
         if inside == (profile_id in current):
