@@ -33,6 +33,11 @@ from cdp_common import db, eventlog, logs, metrics, rpc, tracing
 from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler, Pipeline
 from cdp_common.settings import Settings, SettingsError, optional_int
 
+# The cyclic collector's thresholds. With the defaults (700, 10, 10) it ran 1,276 young, 115 middle
+# and 10 full collections while identity resolved 40,000 events (bench/identity.py, measured with
+# gc.callbacks): 0.41 s, about 10 µs per event; with these, once. Cycles are still collected.
+GC_THRESHOLDS = (50_000, 20, 100)
+
 log = structlog.get_logger("cdp.service")
 
 CORRELATION_METADATA = "x-correlation-id"
@@ -263,6 +268,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         # it again and again (shorter pauses on the request path).
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = settings.grpc_listen.rsplit(":", 1)[0]
