@@ -7,6 +7,7 @@ handful of queries per batch. Operators' requests in a batch are applied one by 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +21,10 @@ from cdp_common.consumer import BatchHandler, Handler, PermanentError, Planned
 from cdp_identity import core, store
 
 _COMMANDS = ("merge_requested", "split_requested")
+# Events decided between two turns of the event loop: deciding a batch takes tens of milliseconds,
+# and meanwhile the batch before it is being written, one statement after another; each statement
+# is sent only when the loop turns.
+_SHARE_EVERY = 100
 
 
 @dataclass
@@ -182,14 +187,18 @@ async def _decide(
 ) -> tuple[_Working, list[eventlog.Outgoing]]:
     """Resolves events in order, each seeing the decisions before it, in memory."""
     per_event = []
-    for event in events:
+    for n, event in enumerate(events):
+        if n % _SHARE_EVERY == _SHARE_EVERY - 1:
+            await asyncio.sleep(0)
         keys = event_keys(event, rules)
         if not keys:
             raise PermanentError(f"event {event.id} carries no usable identifier (all empty or blocked values)")
         per_event.append(keys)
     working = await _load(conn, sorted({k for keys in per_event for k in keys}), overlays)
     out: list[eventlog.Outgoing] = []
-    for event, keys in zip(events, per_event, strict=True):
+    for n, (event, keys) in enumerate(zip(events, per_event, strict=True)):
+        if n % _SHARE_EVERY == _SHARE_EVERY - 1:
+            await asyncio.sleep(0)
         at = event_time(event)
         decision = core.decide(keys, working.owners, working.profiles, eventlog.derived_id(event.id, "profile"),
                                at, rules)
