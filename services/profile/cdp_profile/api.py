@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -12,6 +13,7 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.v1 import event_pb2
 from cdp_common import convert, eventlog, identifiers
 from cdp_profile import search, store
 from cdp_profile.messages import snapshot
@@ -52,7 +54,7 @@ def _refuse_nul(**fields: str) -> None:
         raise _Invalid(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: contains the character U+0000")
 
 
-def _identifier(request: Any) -> tuple[str, str]:
+def _identifier(request: profile_pb2.GetProfileRequest | profile_pb2.GetTimelineRequest) -> tuple[str, str]:
     """The request's identifier as the read model keys it (type, normalised value)."""
     id_type, value = request.identifier.type, request.identifier.value
     if not id_type or not value:
@@ -63,7 +65,7 @@ def _identifier(request: Any) -> tuple[str, str]:
     return id_type, normal
 
 
-async def _profile_id(conn: AsyncConnection, request: Any) -> str:
+async def _profile_id(conn: AsyncConnection, request: profile_pb2.GetTimelineRequest) -> str:
     """The live profile a request names by profile_id or identifier (NOT_FOUND if none)."""
     key = request.WhichOneof("key")
     if key == "profile_id":
@@ -92,17 +94,21 @@ def _timeline_event(row: store.Recorded) -> profile_pb2.TimelineEvent:
     return message
 
 
-class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[misc]
+class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     def __init__(self, engine: AsyncEngine, reader: Reader, rebuilder: Rebuilder | None = None) -> None:
         self._engine = engine
         self._reader = reader
         self._rebuilder = rebuilder
 
-    async def Rebuild(self, request: profile_pb2.RebuildRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Rebuild(
+        self,
+        request: profile_pb2.RebuildRequest,
+        context: grpc.aio.ServicerContext[profile_pb2.RebuildRequest, profile_pb2.RebuildProgress],
+    ) -> AsyncIterator[profile_pb2.RebuildProgress]:
         if self._rebuilder is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this profile service cannot rebuild its read model")
         try:
-            async for step in self._rebuilder.run():  # type: ignore[union-attr]
+            async for step in self._rebuilder.run():
                 yield profile_pb2.RebuildProgress(
                     phase=step.phase, sequence=step.sequence, target=step.target, events=step.events,
                     skipped=step.skipped, seconds=step.seconds,
@@ -110,11 +116,15 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[
         except RebuildRefused as refused:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(refused))
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: _Invalid) -> NoReturn:
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: _Invalid) -> NoReturn:
         await context.abort(error.code, str(error))
         raise AssertionError("unreachable")
 
-    async def GetProfile(self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetProfile(
+        self,
+        request: profile_pb2.GetProfileRequest,
+        context: grpc.aio.ServicerContext[profile_pb2.GetProfileRequest, event_pb2.ProfileSnapshot],
+    ) -> event_pb2.ProfileSnapshot:
         try:
             _refuse_nul(profile_id=request.profile_id)
             key = request.WhichOneof("key")
@@ -133,7 +143,11 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[
             await self._abort(context, error)
         return snapshot(state)
 
-    async def GetTimeline(self, request: profile_pb2.GetTimelineRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetTimeline(
+        self,
+        request: profile_pb2.GetTimelineRequest,
+        context: grpc.aio.ServicerContext[profile_pb2.GetTimelineRequest, profile_pb2.GetTimelineResponse],
+    ) -> profile_pb2.GetTimelineResponse:
         try:
             _refuse_nul(profile_id=request.profile_id, type=request.type, name=request.name)
             size = _page_size(request.page_size, MAX_TIMELINE_PAGE)
@@ -156,7 +170,11 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):  # type: ignore[
             response.next_page_token = _token([page[-1].occurred_at.isoformat(), page[-1].event_id])
         return response
 
-    async def SearchProfiles(self, request: profile_pb2.SearchProfilesRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def SearchProfiles(
+        self,
+        request: profile_pb2.SearchProfilesRequest,
+        context: grpc.aio.ServicerContext[profile_pb2.SearchProfilesRequest, profile_pb2.SearchProfilesResponse],
+    ) -> profile_pb2.SearchProfilesResponse:
         try:
             size = _page_size(request.page_size, MAX_SEARCH_PAGE)
             filters = search.parse([(f.field, f.op, f.value) for f in request.filters])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships neither stubs nor py.typed
 
 from cdp_common import convert, db
 from cdp_profile import store
@@ -78,4 +78,4 @@ class Reader:
         if row is None:
             return None
         ids = frozenset(tuple(k.split("=", 1)) for k in row["id_keys"])
-        return store.state_of(row, ids)  # type: ignore[arg-type]
+        return store.state_of(row, ids)

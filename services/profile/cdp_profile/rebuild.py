@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import structlog
@@ -146,7 +146,7 @@ class Rebuilder:
             ).scalar()
         return int(value or 0)
 
-    async def _replay(self, engine: AsyncEngine, bulk: Bulk, started: float) -> AsyncIterator[Progress]:
+    async def _replay(self, engine: AsyncEngine, bulk: Bulk, started: float) -> AsyncGenerator[Progress, None]:
         """Applies the log up to the live checkpoint; yields "stopping" once caught up, so the live
         consumer stops and the checkpoint holds still, then finishes at it (settled: the history
         of merged-away profiles moved and the indexes made, before the swap)."""

@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import RowMapping, text
 
 from cdp_common import convert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -120,7 +120,7 @@ def _stamped(value: Any) -> Stamped | None:
     return None if not value else (str(value[0]), value[1])
 
 
-def state_of(row: Mapping[str, Any], ids: frozenset[tuple[str, str]]) -> ProfileState:
+def state_of(row: RowMapping | Mapping[str, Any], ids: frozenset[tuple[str, str]]) -> ProfileState:
     """A stored row (by column name: a SQLAlchemy row's `_mapping` or an asyncpg record) as state."""
     registers = row["registers"] or {}
     return ProfileState(
@@ -282,7 +282,7 @@ async def save_profiles(
     if not states:
         return
     scored = {s.profile_id for s in states} if scores_of is None else set(scores_of)
-    state_only = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS)
+    state_only: tuple[_Column, ...] = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS)
     columns = (*state_only, *_SCORE_COLUMNS)
     names = ", ".join(c[0] for c in columns)
     rows = convert.to_json([
@@ -324,7 +324,7 @@ async def copy_profiles(conn: AsyncConnection, states: Sequence[ProfileState]) -
     the caller fills (a rebuild's), where none of them is yet. The transaction must have begun."""
     if not states:
         return
-    columns = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS, *_SCORE_COLUMNS)
+    columns: tuple[_Column, ...] = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS, *_SCORE_COLUMNS)
     adapted = [_COPIED_AS.get(name) for name, _ in columns]
     records = []
     for state in states:
@@ -357,7 +357,7 @@ async def save_scores(conn: AsyncConnection, states: Sequence[ProfileState]) -> 
     """Writes only the scores: what the scoring job changes."""
     if not states:
         return
-    columns = (("profile_id", lambda s: s.profile_id), *_SCORE_COLUMNS)
+    columns: tuple[_Column, ...] = (("profile_id", lambda s: s.profile_id), *_SCORE_COLUMNS)
     names, select, params = _rows(columns, states)
     updates = ", ".join(f"{c[0]} = n.{c[0]}" for c in columns[1:])
     await conn.execute(
