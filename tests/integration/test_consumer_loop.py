@@ -247,3 +247,43 @@ async def test_streams_keep_duplicates_out_for_a_day(nc: NATS, namespace: str) -
 
 async def test_migrations_run_once(engine: AsyncEngine) -> None:
     assert await db.migrate(engine, SCHEMA, MIGRATIONS) == 0
+
+
+async def test_facts_left_in_the_outbox_go_out_with_their_headers(nc: NATS, engine: AsyncEngine, namespace: str) -> None:
+    """A crash between commit and publish: the next flush publishes what waits, with the headers
+    subscribers and the duplicate window rely on (stored with the row, or derived from its event)."""
+    topology = eventlog.Topology(namespace)
+    js = nc.jetstream()
+    await eventlog.provision_streams(js, topology)
+    subject = topology.collected("track")
+    fact = eventlog.new_event("track", event_id="left-behind", source="test")
+    fact.correlation_id = "corr-1"
+    fact.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    publisher = eventlog.Publisher(nc)
+    outbox = db.Outbox(engine, publisher, SCHEMA)
+    async with engine.begin() as conn:
+        await conn.execute(text(f"DELETE FROM {SCHEMA}.outbox"))
+        await outbox.add(conn, [eventlog.Outgoing(subject, fact)])
+        # A row as older versions wrote it, headers stored with it.
+        await conn.execute(
+            text(f"INSERT INTO {SCHEMA}.outbox (subject, msg_id, headers, payload) VALUES (:s, 'older', :h, :p)"),
+            {"s": subject, "h": '{"Nats-Msg-Id": "older", "Cdp-Event-Type": "track"}',
+             "p": eventlog.encode(eventlog.new_event("track", event_id="older", source="test"))},
+        )
+    # Published, then flushed again as if the deletes were lost: the duplicate window drops them.
+    assert await db.Outbox(engine, publisher, SCHEMA).flush() == 2
+    async with engine.begin() as conn:
+        await outbox.add(conn, [eventlog.Outgoing(subject, fact)])
+    assert await db.Outbox(engine, publisher, SCHEMA).flush() == 1
+    await publisher.close()
+
+    stream = topology.stream("collected")
+    assert (await js.stream_info(stream)).state.messages == 2
+    first, second = await js.get_msg(stream, seq=1), await js.get_msg(stream, seq=2)
+    assert first.headers == {**eventlog.Outgoing(subject, fact).headers()}
+    assert first.headers[eventlog.MSG_ID_HEADER] == "left-behind"
+    assert first.headers[eventlog.TRACEPARENT_HEADER] == fact.traceparent
+    assert eventlog.decode(first.data) == fact
+    assert second.headers == {"Nats-Msg-Id": "older", "Cdp-Event-Type": "track"}
+    async with engine.connect() as conn:
+        assert (await conn.execute(text(f"SELECT count(*) FROM {SCHEMA}.outbox"))).scalar() == 0

@@ -118,14 +118,15 @@ class Outbox:
         if not outgoing:
             return Added([], [])
         messages = [(o.subject, eventlog.encode(o.event), o.headers()) for o in outgoing]
+        # Headers are not stored: they follow from the event (`eventlog.Outgoing.headers`), and
+        # `flush` derives them again from the payload; '{}' marks such a row.
         rows = await conn.execute(
             text(
                 f"INSERT INTO {self._schema}.outbox (subject, msg_id, headers, payload) "
-                "SELECT * FROM unnest(CAST(:s AS text[]), CAST(:m AS text[]), CAST(:h AS jsonb[]), "
-                "CAST(:p AS bytea[])) RETURNING id"
+                "SELECT s, m, '{}', p FROM unnest(CAST(:s AS text[]), CAST(:m AS text[]), CAST(:p AS bytea[])) "
+                "AS o(s, m, p) RETURNING id"
             ),
-            {"s": [m[0] for m in messages], "m": [o.event.id for o in outgoing],
-             "h": [convert.to_json(m[2]) for m in messages], "p": [m[1] for m in messages]},
+            {"s": [m[0] for m in messages], "m": [o.event.id for o in outgoing], "p": [m[1] for m in messages]},
         )
         return Added(list(rows.scalars()), messages)
 
@@ -168,13 +169,20 @@ class Outbox:
                     self._backlog = False
                     return published
                 try:
-                    await self._publisher.publish([(r.subject, bytes(r.payload), dict(r.headers)) for r in rows])
+                    await self._publisher.publish([_message(r.subject, bytes(r.payload), r.headers) for r in rows])
                 except BaseException:
                     self._backlog = True
                     raise
                 async with self._engine.begin() as conn:
                     await self.delete(conn, [r.id for r in rows])
                 published += len(rows)
+
+
+def _message(subject: str, payload: bytes, headers: dict[str, str]) -> tuple[str, bytes, dict[str, str]]:
+    """An outbox row as a message; a row without headers gets its event's own."""
+    if not headers:
+        headers = eventlog.Outgoing(subject, eventlog.decode(payload)).headers()
+    return subject, payload, dict(headers)
 
 
 class Statistics:

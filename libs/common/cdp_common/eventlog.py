@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -239,8 +239,8 @@ class Publisher:
             future.set_exception(nats.errors.NoRespondersError())
             return
         try:
-            reply = json.loads(msg.data)
-        except ValueError:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
             future.set_exception(PublishError(f"unreadable JetStream acknowledgement: {msg.data[:200]!r}"))
             return
         if "error" in reply:
