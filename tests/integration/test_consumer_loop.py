@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.v1 import event_pb2
 from cdp_common import db, eventlog
-from cdp_common.consumer import Consumer, ConsumerSpec, Planned
+from cdp_common.consumer import Consumer, ConsumerSpec, LostLock, Planned
 from cdp_cli.settle import subject_count
 
 pytestmark = pytest.mark.timeout(60)
@@ -287,3 +287,53 @@ async def test_facts_left_in_the_outbox_go_out_with_their_headers(nc: NATS, engi
     assert second.headers == {"Nats-Msg-Id": "older", "Cdp-Event-Type": "track"}
     async with engine.connect() as conn:
         assert (await conn.execute(text(f"SELECT count(*) FROM {SCHEMA}.outbox"))).scalar() == 0
+
+
+async def test_an_applier_whose_lock_session_ends_stops_and_a_standby_takes_over(
+    nc: NATS, engine: AsyncEngine, namespace: str
+) -> None:
+    """Each batch is written in the session that holds the consumer's lock. Once that session is
+    gone (a PostgreSQL restart, a killed backend) the applier stops at its next batch instead of
+    writing without the lock, and the standby applies the rest: every event once, none skipped,
+    although both pulled from the durable meanwhile (acknowledging its batch would acknowledge the
+    other's too, so the standby repositions instead)."""
+    topology = eventlog.Topology(namespace)
+    await eventlog.provision_streams(nc.jetstream(), topology)
+    first, standby = make_consumer(nc, engine, topology), make_consumer(nc, engine, topology)
+    await publish(nc, topology, ["ok"] * 30)
+    running = await first.start()
+    for _ in range(200):
+        if await count(engine) == 30:
+            break
+        await asyncio.sleep(0.05)
+    waiting = await standby.start()
+    await asyncio.sleep(0.3)
+    assert first.active and not standby.active
+    async with engine.connect() as conn:
+        ended = (await conn.execute(text(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.pid <> pg_backend_pid()"
+        ))).scalars().all()
+    assert ended == [True]
+    for _ in range(100):
+        if standby.active:
+            break
+        await asyncio.sleep(0.05)
+    assert standby.active  # while the first does not know yet, and still pulls
+    publisher = eventlog.Publisher(nc)
+    for i in range(40):
+        # One at a time, so both processes' pull requests get some.
+        await publisher.publish_events([eventlog.Outgoing(
+            topology.collected("track"), eventlog.new_event("track", event_id=f"later-{i}", source="test")
+        )])
+        await asyncio.sleep(0.01)
+    await publisher.close()
+    with pytest.raises(LostLock):
+        await asyncio.wait_for(running, 10)
+    for _ in range(300):
+        if await count(engine) == 70:
+            break
+        await asyncio.sleep(0.05)
+    await standby.stop()
+    await waiting
+    assert await count(engine) == 70

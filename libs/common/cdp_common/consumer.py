@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,6 +73,10 @@ log = structlog.get_logger("cdp.consumer")
 
 # Room left for the dead-letter envelope around the original payload.
 _DEAD_LETTER_PAYLOAD_LIMIT = eventlog.MAX_MESSAGE_BYTES - 64 * 1024
+
+
+class TakenElsewhere(Exception):
+    """Messages of the durable consumer went to another client between our deliveries."""
 
 
 class LostLock(Exception):
@@ -158,7 +162,13 @@ class Consumer:
         self._plain_through = 0
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # While this process applies the log: the session holding the lock, which writes every
+        # batch (so a commit proves the lock was held throughout), and a session of its own for
+        # the pipeline's reads (autocommit). Kept between batches: a pool checkout pings.
         self._lock: AsyncConnection | None = None
+        self._reading: AsyncConnection | None = None
+        # The durable's next delivery (its consumer sequence) if all of them come to this process.
+        self._next_delivery: int | None = None
         self._standby_logged = False
         # Outbox rows published after the last commit, deleted in the next transaction.
         self._published: list[int] = []
@@ -226,7 +236,10 @@ class Consumer:
             and sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
             == sorted(wanted.filter_subjects or [""])
         ):
+            delivered = info.delivered.consumer_seq if info.delivered is not None else None
+            self._next_delivery = None if delivered is None else delivered + 1
             return
+        self._next_delivery = 1
         async with self._engine.connect() as conn:
             applied = await self._checkpoint(conn)
         if info is not None:
@@ -293,17 +306,21 @@ class Consumer:
                     await self._pause(1.0)
                 else:
                     return
+                # The lock is the session's: ending the transaction the try opened keeps it.
+                await lock.commit()
                 self._lock = lock
                 await self._flush_outbox()
                 puller = Puller(self._js._nc, self.stream, self.spec.durable, self.spec.batch,  # noqa: SLF001
                                 self.spec.fetch_timeout_seconds)
                 try:
                     await self._reposition(force=reposition)
-                    await self._loop(puller)
+                    async with self._engine.connect() as reading:
+                        self._reading = await reading.execution_options(isolation_level="AUTOCOMMIT")
+                        await self._loop(puller)
                 finally:
                     with contextlib.suppress(BaseException):
                         await self._drop_plans()
-                    self._lock = None
+                    self._lock = self._reading = None
                     await puller.forget()
                     with contextlib.suppress(BaseException):
                         await self._published_so_far()
@@ -320,11 +337,15 @@ class Consumer:
             try:
                 if reposition:
                     # Whatever was delivered and not applied is delivered again, in order, before
-                    # anything newer: nothing is applied ahead of a batch that failed.
+                    # anything newer: nothing is applied ahead of a batch that failed. Only by the
+                    # holder of the lock: one that lost it would move the new holder's position.
+                    await self._still_locked()
                     await puller.forget()
                     await self._reposition(force=True)
                     reposition = False
                 msgs = await puller.fetch()
+            except LostLock:
+                raise
             except Exception as error:  # noqa: BLE001 - the log or the database is down: wait, retry
                 reposition = True
                 log.warning("fetch_failed", error=repr(error))
@@ -332,6 +353,7 @@ class Consumer:
                 continue
             try:
                 if msgs:
+                    self._check_deliveries(msgs)
                     await self._take(msgs)
                 else:
                     await self._written()
@@ -343,6 +365,7 @@ class Consumer:
             except Exception as error:  # noqa: BLE001 - the loop must go on
                 failures += 1
                 self.batch_failures += 1
+                await self._still_locked()
                 await self._drop_plans()
                 self.applied, self.dead_lettered = self._counted
                 reposition = True
@@ -357,6 +380,18 @@ class Consumer:
                     reposition = True
                     log.warning("publish_failed", error=repr(error))
                     await self._pause(1.0)
+
+    def _check_deliveries(self, msgs: Sequence[Msg]) -> None:
+        """Raises TakenElsewhere if deliveries of the durable went elsewhere since the last batch,
+        e.g. to a process that lost its lock without knowing yet. Acknowledging this batch (ack
+        all) would acknowledge them unapplied; the consumer is repositioned instead."""
+        first = msgs[0].metadata.sequence.consumer
+        expected, self._next_delivery = self._next_delivery, msgs[-1].metadata.sequence.consumer + 1
+        if (expected is not None and first != expected) or msgs[-1].metadata.sequence.consumer - first != len(msgs) - 1:
+            self._next_delivery = None
+            raise TakenElsewhere(
+                f"deliveries {expected}..{first - 1} of {self.spec.durable} did not come to this process"
+            )
 
     async def _take(self, msgs: Sequence[Msg]) -> None:
         """Applies a batch; with a pipeline, decides it while the batch before is being written."""
@@ -376,7 +411,7 @@ class Consumer:
         assert self._pipeline is not None
         if self._planned_through is None:
             await self._written()
-            async with self._engine.connect() as conn:
+            async with self._reads() as conn:
                 self._planned_through = int(await self._checkpoint(conn))
         after = self._planned_through
         fresh = [msg for msg in msgs if msg.metadata.sequence.stream > after]
@@ -386,7 +421,7 @@ class Consumer:
         if events is None:
             return None
         try:
-            async with self._engine.connect() as conn:
+            async with self._reads() as conn:
                 planned = await self._pipeline.plan(conn, events)
         except Exception as error:  # noqa: BLE001 - decided in _declined
             self._declined(error, len(fresh))
@@ -395,6 +430,54 @@ class Consumer:
             return None
         self._planned_through = fresh[-1].metadata.sequence.stream
         return after, planned
+
+    @contextlib.asynccontextmanager
+    async def _reads(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads outside a transaction."""
+        reading = self._reading
+        if reading is None:
+            async with self._engine.connect() as conn:
+                yield conn
+            return
+        try:
+            yield reading
+        finally:
+            # Ends SQLAlchemy's own transaction (autocommit: no round trip); after a lost
+            # connection, the next read reconnects.
+            await reading.rollback()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A batch's transaction: in the session holding the lock, when this process holds it."""
+        lock = self._lock
+        if lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        try:
+            async with lock.begin():
+                yield lock
+        except Exception:
+            await self._still_locked()
+            raise
+
+    async def _still_locked(self) -> None:
+        """After a failure: raises LostLock if the session holding the lock is gone (and with it
+        the lock: another replica may be applying by now)."""
+        lock = self._lock
+        if lock is None:
+            return
+        try:
+            # Asked of the server: SQLAlchemy reconnects a connection it invalidated, and a new
+            # session holds no lock.
+            held = (await lock.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
+            ))).scalar()
+            await lock.commit()
+        except Exception as error:  # noqa: BLE001 - any failure means the lock may be lost
+            raise LostLock(f"the session holding the lock of {self.spec.durable} failed: {error!r}") from error
+        if not held:
+            raise LostLock(f"the session holding the lock of {self.spec.durable} ended")
 
     async def _written(self) -> None:
         """Waits for the batch being written; raises its failure."""
@@ -438,16 +521,10 @@ class Consumer:
         `planned`: the batch as the pipeline decided it, from the checkpoint it names."""
         started = time.perf_counter()
         self._counted = (self.applied, self.dead_lettered)
-        if self._lock is not None:
-            # Still the only applier? If the session holding the lock is gone, so is the lock.
-            try:
-                await self._lock.execute(text("SELECT 1"))
-            except Exception as error:  # noqa: BLE001 - any failure means the lock may be lost
-                raise LostLock(f"the session holding the lock of {self.spec.durable} failed: {error!r}") from error
         self._raise_publish_failure()
         added: list[Added] = []
         deleting = self._published
-        async with self._engine.begin() as conn:
+        async with self._transaction() as conn:
             await self._outbox.delete(conn, deleting)
             # Creates the row on first use and locks it: a second applier waits here, then skips.
             applied_up_to: int = (
