@@ -365,7 +365,6 @@ class Consumer:
             except Exception as error:  # noqa: BLE001 - the loop must go on
                 failures += 1
                 self.batch_failures += 1
-                await self._still_locked()
                 await self._drop_plans()
                 self.applied, self.dead_lettered = self._counted
                 reposition = True
@@ -385,12 +384,13 @@ class Consumer:
         """Raises TakenElsewhere if deliveries of the durable went elsewhere since the last batch,
         e.g. to a process that lost its lock without knowing yet. Acknowledging this batch (ack
         all) would acknowledge them unapplied; the consumer is repositioned instead."""
-        first = msgs[0].metadata.sequence.consumer
-        expected, self._next_delivery = self._next_delivery, msgs[-1].metadata.sequence.consumer + 1
-        if (expected is not None and first != expected) or msgs[-1].metadata.sequence.consumer - first != len(msgs) - 1:
+        first, last = msgs[0].metadata.sequence.consumer, msgs[-1].metadata.sequence.consumer
+        expected, self._next_delivery = self._next_delivery, last + 1
+        if (expected is not None and first != expected) or last - first != len(msgs) - 1:
             self._next_delivery = None
             raise TakenElsewhere(
-                f"deliveries {expected}..{first - 1} of {self.spec.durable} did not come to this process"
+                f"of deliveries {expected or first}..{last} of {self.spec.durable}, only {len(msgs)} "
+                f"(from {first}) came to this process"
             )
 
     async def _take(self, msgs: Sequence[Msg]) -> None:
@@ -454,16 +454,12 @@ class Consumer:
             async with self._engine.begin() as conn:
                 yield conn
             return
-        try:
-            async with lock.begin():
-                yield lock
-        except Exception:
-            await self._still_locked()
-            raise
+        async with lock.begin():
+            yield lock
 
     async def _still_locked(self) -> None:
-        """After a failure: raises LostLock if the session holding the lock is gone (and with it
-        the lock: another replica may be applying by now)."""
+        """Before repositioning: raises LostLock if the session holding the lock is gone (and with
+        it the lock: another replica may be applying by now)."""
         lock = self._lock
         if lock is None:
             return
