@@ -65,6 +65,14 @@ class Pipeline(Protocol):
         """A planned batch was not written: drop everything planned and not committed."""
 
 
+async def share_turn(n: int, every: int) -> None:
+    """For a pipeline's long stretches of CPU work (deciding a batch takes tens of milliseconds):
+    gives the event loop a turn after every `every` items, so that the batch being written
+    meanwhile sends each of its statements when the one before is done, not after the decision."""
+    if n % every == every - 1:
+        await asyncio.sleep(0)
+
+
 class StalePlan(Exception):
     """The checkpoint is not where the batch was planned from."""
 

@@ -7,7 +7,6 @@ handful of queries per batch. Operators' requests in a batch are applied one by 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,13 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog, identifiers
-from cdp_common.consumer import BatchHandler, Handler, PermanentError, Planned
+from cdp_common.consumer import BatchHandler, Handler, PermanentError, Planned, share_turn
 from cdp_identity import core, store
 
 _COMMANDS = ("merge_requested", "split_requested")
-# Events decided between two turns of the event loop: deciding a batch takes tens of milliseconds,
-# and meanwhile the batch before it is being written, one statement after another; each statement
-# is sent only when the loop turns.
+# Events decided between two turns of the event loop (`share_turn`).
 _SHARE_EVERY = 100
 
 
@@ -188,8 +185,7 @@ async def _decide(
     """Resolves events in order, each seeing the decisions before it, in memory."""
     per_event = []
     for n, event in enumerate(events):
-        if n % _SHARE_EVERY == _SHARE_EVERY - 1:
-            await asyncio.sleep(0)
+        await share_turn(n, _SHARE_EVERY)
         keys = event_keys(event, rules)
         if not keys:
             raise PermanentError(f"event {event.id} carries no usable identifier (all empty or blocked values)")
@@ -197,8 +193,7 @@ async def _decide(
     working = await _load(conn, sorted({k for keys in per_event for k in keys}), overlays)
     out: list[eventlog.Outgoing] = []
     for n, (event, keys) in enumerate(zip(events, per_event, strict=True)):
-        if n % _SHARE_EVERY == _SHARE_EVERY - 1:
-            await asyncio.sleep(0)
+        await share_turn(n, _SHARE_EVERY)
         at = event_time(event)
         decision = core.decide(keys, working.owners, working.profiles, eventlog.derived_id(event.id, "profile"),
                                at, rules)
