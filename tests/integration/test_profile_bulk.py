@@ -12,10 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 from google.protobuf import struct_pb2
+from sqlalchemy import text
 
 from cdp.v1 import event_pb2
 from cdp_common import db, eventlog
-from cdp_common.consumer import infrastructure_failure
+from cdp_common.consumer import PermanentError, Planned, StalePlan, infrastructure_failure
 from cdp_profile import handlers, store
 from cdp_profile.bulk import Bulk
 
@@ -99,12 +100,35 @@ LOG = [
 ]
 
 
-async def live(engine: Any, events: Sequence[event_pb2.Event], batch: int) -> int:
-    """The live consumer's way: batches through the batch handler, one by one where one fails."""
-    one_by_one, whole_batch = handlers.make_handlers(TOPOLOGY)
+async def live(engine: Any, events: Sequence[event_pb2.Event], batch: int, pipelined: bool = False) -> int:
+    """The live consumer's way: batches through the batch handler, one by one where one fails.
+    `pipelined`: each batch is first planned by the pipeline, before the one ahead of it is written
+    (so it reads that one's changes from the pipeline's overlay); one it declines goes the plain way."""
+    one_by_one, whole_batch, pipeline = handlers.make_handlers(TOPOLOGY)
     failed = 0
+    ahead: Planned | None = None
+
+    async def write_ahead() -> None:
+        nonlocal ahead
+        if ahead is not None:
+            async with engine.begin() as conn:
+                await ahead.write(conn)
+            pipeline.committed(ahead)
+            ahead = None
+
     for start in range(0, len(events), batch):
         part = events[start:start + batch]
+        planned = None
+        if pipelined:
+            try:
+                async with engine.connect() as conn:
+                    planned = await pipeline.plan(conn, part)
+            except PermanentError:
+                planned = None  # the consumer takes such a batch the plain way
+        await write_ahead()
+        if planned is not None:
+            ahead = planned
+            continue
         async with engine.begin() as conn:
             try:
                 async with conn.begin_nested():
@@ -117,6 +141,7 @@ async def live(engine: Any, events: Sequence[event_pb2.Event], batch: int) -> in
                             await one_by_one(conn, event)
                     except Exception:
                         failed += 1
+    await write_ahead()
     return failed
 
 
@@ -137,14 +162,17 @@ async def read_model(url: str, schema: str) -> dict[str, Any]:
             "indexes": [i.replace(f" {schema}.", " ") for i in indexes]}
 
 
-@pytest.mark.parametrize("refused", [False, True], ids=["one chunk", "a refused chunk"])
-async def test_the_bulk_projection_builds_what_the_live_one_does(database_url: str, refused: bool) -> None:
+@pytest.mark.parametrize(("refused", "pipelined"), [(False, False), (True, False), (False, True)],
+                         ids=["one chunk", "a refused chunk", "the live one pipelined"])
+async def test_the_bulk_projection_builds_what_the_live_one_does(
+    database_url: str, refused: bool, pipelined: bool
+) -> None:
     live_engine = db.create_engine(database_url, pool_size=1, search_path="profile")
     bulk_engine = db.create_engine(database_url, pool_size=1, search_path="profile_next")
     try:
         await db.migrate(live_engine, "profile", store.MIGRATIONS)
         await db.migrate(bulk_engine, "profile_next", store.MIGRATIONS)
-        dead_lettered = await live(live_engine, LOG, batch=4)
+        dead_lettered = await live(live_engine, LOG, batch=4, pipelined=pipelined)
 
         bulk = Bulk(bulk_engine, TOPOLOGY, handlers.SPEC.durable)
         await bulk.prepare()
@@ -168,3 +196,56 @@ async def test_the_bulk_projection_builds_what_the_live_one_does(database_url: s
     finally:
         await live_engine.dispose()
         await bulk_engine.dispose()
+
+
+async def test_the_pipelined_live_projection_builds_what_the_plain_one_does(database_url: str) -> None:
+    """Each batch planned before the one ahead of it is written: it must see that one's profiles
+    (orders counted on top, traits by event time, identifiers) and its timeline (an event
+    delivered again in the next batch is not counted twice)."""
+    log = [
+        order(1, "p-ada", 10.0, ADA), resolved(2, "p-ada", "identify", ids=ADA, traits={"plan": "pro"}),
+        order(3, "p-bob", 5.0, BOB),
+        order(4, "p-ada", 20.0, ADA), resolved(2, "p-ada", "identify", ids=ADA, traits={"plan": "pro"}),
+        resolved(5, "p-ada", "identify", ids={**ADA, "email": "ada@example.com"}, traits={"plan": "max"}),
+        order(6, "p-ada", 30.0, ADA, category="shoes"), order(4, "p-ada", 20.0, ADA),
+        resolved(0, "p-ada", "identify", ids=ADA, traits={"plan": "free"}),  # older: "max" stays
+    ]
+    models = {}
+    for schema, pipelined in (("profile", False), ("profile_next", True)):
+        engine = db.create_engine(database_url, pool_size=1, search_path=schema)
+        try:
+            await db.migrate(engine, schema, store.MIGRATIONS)
+            assert await live(engine, log, batch=3, pipelined=pipelined) == 0
+        finally:
+            await engine.dispose()
+        models[schema] = await read_model(database_url, schema)
+    want, got = models["profile"], models["profile_next"]
+    for part in ("profiles", "identifiers", "timeline"):
+        assert got[part] == want[part], part
+    ada = want["profiles"]["p-ada"]
+    assert '"order_count": 3' in ada and '"plan": "max"' in ada and len(want["timeline"]) == 7
+
+
+async def test_a_plan_whose_profiles_were_rescored_meanwhile_is_not_written(database_url: str) -> None:
+    """The scoring job may rescore a profile between a batch's plan and its write: the plan's
+    snapshot would carry the old scores, so the write refuses (the consumer then applies the batch
+    the plain way, reading under lock)."""
+    engine = db.create_engine(database_url, pool_size=1, search_path="profile")
+    try:
+        await db.migrate(engine, "profile", store.MIGRATIONS)
+        assert await live(engine, [order(1, "p-ada", 10.0, ADA), order(2, "p-bob", 5.0, BOB)], batch=2) == 0
+        _, _, pipeline = handlers.make_handlers(TOPOLOGY)
+        async with engine.connect() as conn:
+            planned = await pipeline.plan(conn, [order(3, "p-ada", 20.0, ADA), order(4, "p-bob", 7.0, BOB)])
+        assert planned is not None
+        async with engine.begin() as conn:  # what the scoring job's save_scores does, for one of them
+            await conn.execute(text("UPDATE profiles SET scores = scores || '{\"rescored\": true}' "
+                                    "WHERE profile_id = 'p-bob'"))
+        with pytest.raises(StalePlan, match="rescored 1 of the batch's profiles"):
+            async with engine.begin() as conn:
+                await planned.write(conn)
+        async with engine.connect() as conn:
+            counts = dict((await conn.execute(text("SELECT profile_id, order_count FROM profiles"))).all())
+        assert counts == {"p-ada": 1, "p-bob": 1}  # nothing of the refused plan was written
+    finally:
+        await engine.dispose()

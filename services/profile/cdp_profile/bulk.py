@@ -129,7 +129,7 @@ class Bulk:
         self._engine = engine
         self._durable = durable
         self._models = handlers.ModelsCache()
-        self._one_by_one, self._whole_batch = handlers.make_handlers(topology, self._models, publish=False)
+        self._one_by_one, self._whole_batch, _ = handlers.make_handlers(topology, self._models, publish=False)
         self._model = _Model()
         # Merged away since the last settle -> survivor: their history has not moved yet.
         self._unmoved: dict[str, str] = {}

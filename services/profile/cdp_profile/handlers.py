@@ -12,19 +12,20 @@ applies long stretches of the log with the same pieces: `recorded`, `observed`, 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog, identifiers
-from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError
+from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError, Planned, StalePlan
 from cdp_profile import core, scoring, store
 from cdp_profile.messages import changed_event
 
-SPEC = ConsumerSpec(durable="profile-project", area="identity")
+# Three batches in flight with the pipeline: one being written, one being decided, one on its way.
+SPEC = ConsumerSpec(durable="profile-project", area="identity", max_ack_pending=600)
 OPERATIONS = ("profiles_merged", "profile_split")
 EMPTY: Mapping[str, core.ProfileState] = {}
 # Merges followed from a merged-away id to its survivor, at most.
@@ -84,15 +85,17 @@ def placed(profile_id: str, merged_into: Mapping[str, str]) -> str:
     return profile_id
 
 
-async def _live(conn: AsyncConnection, profile_ids: Sequence[str]) -> tuple[store.Loaded, dict[str, str]]:
+async def _live(
+    conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True
+) -> tuple[store.Loaded, dict[str, str]]:
     """The touched profiles (locked), and where each id lives now (a merged-away id: its survivor)."""
-    loaded = await store.load_many(conn, profile_ids)
+    loaded = await store.load_many(conn, profile_ids, lock=lock)
     merged_into = dict(loaded.merged_into)
     pending = dict(loaded.merged_into)
     for _ in range(MERGE_CHAIN):
         if not pending:
             break
-        survivors = await store.load_many(conn, list(pending.values()))
+        survivors = await store.load_many(conn, list(pending.values()), lock=lock)
         loaded.states.update(survivors.states)
         merged_into.update(survivors.merged_into)
         pending = dict(survivors.merged_into)
@@ -128,11 +131,66 @@ def rescore(
     return result
 
 
+@dataclass
+class _Projected:
+    """A run of resolved events folded into their profiles, not written yet."""
+
+    placed: list[store.Recorded]  # timeline rows, on the profiles the events live on now
+    fresh: set[str]  # the ids of those not on the timeline yet: the ones folded
+    before: Mapping[str, core.ProfileState]
+    states: list[core.ProfileState]
+    scores_of: list[str]  # the profiles whose scores changed
+    out: list[eventlog.Outgoing]
+
+
+class Projector:
+    """The live consumer's pipeline (`cdp_common.consumer.Pipeline`): a batch of resolved events is
+    read, folded and scored while the batch before it is written. The profiles a batch changes and
+    the events it records are kept here until its transaction commits, and overlay what the next
+    batches read. Batches with merges or splits go the plain way."""
+
+    def __init__(
+        self,
+        read: Callable[..., Awaitable[tuple[Mapping[str, core.ProfileState], list[store.Recorded],
+                                               dict[str, event_pb2.Event]]]],
+        fold: Callable[..., Awaitable[_Projected]],
+        write: Callable[[AsyncConnection, _Projected], Awaitable[None]],
+    ) -> None:
+        self._read, self._fold, self._write = read, fold, write
+        self._pending: list[tuple[Planned, _Projected]] = []
+
+    async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned | None:
+        if any(event.type in OPERATIONS for event in events):
+            return None
+        overlay: dict[str, core.ProfileState] = {}
+        ahead: set[str] = set()
+        for _, earlier in self._pending:
+            overlay.update((s.profile_id, s) for s in earlier.states)
+            ahead |= earlier.fresh
+        before, placed, causes = await self._read(conn, events, lock=False, overlay=overlay)
+        fresh = await store.unrecorded(conn, [r.event_id for r in placed if r.event_id not in ahead])
+        projected = await self._fold(conn, before, placed, fresh, causes)
+
+        async def write(conn: AsyncConnection) -> None:
+            await self._write(conn, projected)
+
+        planned = Planned(write, projected.out)
+        self._pending.append((planned, projected))
+        return planned
+
+    def committed(self, planned: Planned) -> None:
+        self._pending = [(p, x) for p, x in self._pending if p is not planned]
+
+    def forget(self) -> None:
+        self._pending = []
+
+
 def make_handlers(
     topology: eventlog.Topology, cache: ModelsCache | None = None, publish: bool = True
-) -> tuple[Handler, BatchHandler]:
-    """The per-event handler, and the batch handler the consumer tries first. `publish=False`
-    (a rebuild: the facts were published already) skips building profile_changed events."""
+) -> tuple[Handler, BatchHandler, Projector]:
+    """The per-event handler, the batch handler the consumer tries first, and the pipeline of the
+    live consumer. `publish=False` (a rebuild: the facts were published already) skips building
+    profile_changed events."""
     models_cache = cache or ModelsCache()
     # Counted in timeline rows; unqualified names: the live schema, or the one a rebuild fills.
     statistics = db.Statistics(["events", "profiles", "identifiers"], first=2000)
@@ -142,40 +200,71 @@ def make_handlers(
     ) -> list[core.ProfileState]:
         return rescore(states, await models_cache.get(conn), eventlog.now(), before)
 
-    async def project(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
-        """Resolved events: timeline, fold, rescore, write; one profile_changed per touched profile."""
+    async def read(
+        conn: AsyncConnection, events: Sequence[event_pb2.Event], lock: bool = True,
+        overlay: Mapping[str, core.ProfileState] = EMPTY,
+    ) -> tuple[Mapping[str, core.ProfileState], list[store.Recorded], dict[str, event_pb2.Event]]:
+        """The touched profiles (`overlay` over the stored ones), the events as timeline rows on
+        the profiles they live on now, and the events by id."""
         rows: dict[str, store.Recorded] = {}
         causes: dict[str, event_pb2.Event] = {}
         for event in events:
             rows.setdefault(event.id, recorded(event))
             causes[event.id] = event
-        loaded, where = await _live(conn, sorted({r.profile_id for r in rows.values()}))
+        loaded, where = await _live(conn, sorted({r.profile_id for r in rows.values()}), lock=lock)
+        before = {**loaded.states, **{p: overlay[p] for p in where.values() if p in overlay}}
         placed = [r if where[r.profile_id] == r.profile_id else replace(r, profile_id=where[r.profile_id])
                   for r in rows.values()]
-        fresh = await store.record_events(conn, placed)
-        await statistics.grew(conn, len(fresh))
+        return before, placed, causes
+
+    async def fold(
+        conn: AsyncConnection, before: Mapping[str, core.ProfileState], placed: list[store.Recorded],
+        fresh: set[str], causes: Mapping[str, event_pb2.Event],
+    ) -> _Projected:
+        """The fresh events folded into their profiles and rescored; one profile_changed each."""
         by_profile: dict[str, list[store.Recorded]] = {}
         for row in placed:
             if row.event_id in fresh:
                 by_profile.setdefault(row.profile_id, []).append(row)
-        if not by_profile:
-            return []
         folded = [
-            core.fold(loaded.states.get(pid) or core.ProfileState(pid), (observed(r) for r in got))
+            core.fold(before.get(pid) or core.ProfileState(pid), (observed(r) for r in got))
             for pid, got in by_profile.items()
         ]
-        states = await rescored(conn, folded, loaded.states)
-        await store.save_many(conn, states, loaded.states, scores_of=[
-            s.profile_id for s, f in zip(states, folded, strict=True) if s.scores is not f.scores
-        ])
-        if not publish:
-            return []
+        states = await rescored(conn, folded, before) if folded else []
         out = []
-        for state in states:
-            last = by_profile[state.profile_id][-1].event_id
-            fields = core.changed_fields(loaded.states.get(state.profile_id), state)
-            out.append(changed_event(topology, state, fields, cause_id=last, cause=causes[last]))
-        return out
+        if publish:
+            for state in states:
+                last = by_profile[state.profile_id][-1].event_id
+                fields = core.changed_fields(before.get(state.profile_id), state)
+                out.append(changed_event(topology, state, fields, cause_id=last, cause=causes[last]))
+        scores_of = [s.profile_id for s, f in zip(states, folded, strict=True) if s.scores is not f.scores]
+        return _Projected(placed, fresh, before, states, scores_of, out)
+
+    async def write(conn: AsyncConnection, projected: _Projected) -> None:
+        """A planned projection, in the batch's transaction; StalePlan if the timeline moved."""
+        # Read outside a transaction: the timeline and the scores (the scoring job may run beside
+        # the consumer, in this process or another replica) must still be as read.
+        moved = await store.rescored_since(conn, [
+            projected.before[s.profile_id] for s in projected.states if s.profile_id in projected.before
+        ])
+        if moved:
+            raise StalePlan(f"the scoring job rescored {len(moved)} of the batch's profiles meanwhile")
+        recorded_now = await store.record_events(conn, projected.placed)
+        if recorded_now != projected.fresh:
+            raise StalePlan(f"{len(projected.fresh)} events were to be new on the timeline, {len(recorded_now)} are")
+        await statistics.grew(conn, len(recorded_now))
+        if projected.states:
+            await store.save_many(conn, projected.states, projected.before, scores_of=projected.scores_of)
+
+    async def project(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
+        """Resolved events: timeline, fold, rescore, write; one profile_changed per touched profile."""
+        before, placed, causes = await read(conn, events)
+        fresh = await store.record_events(conn, placed)
+        await statistics.grew(conn, len(fresh))
+        projected = await fold(conn, before, placed, fresh, causes)
+        if projected.states:
+            await store.save_many(conn, projected.states, before, scores_of=projected.scores_of)
+        return projected.out
 
     def retired(cause: event_pb2.Event, profile_id: str, survivor_id: str) -> eventlog.Outgoing:
         event = eventlog.new_event(
@@ -256,7 +345,7 @@ def make_handlers(
             out.extend(await project(conn, run))
         return out
 
-    return handle, handle_batch
+    return handle, handle_batch, Projector(read, fold, write)
 
 
 def make_handler(topology: eventlog.Topology) -> Handler:

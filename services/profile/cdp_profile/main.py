@@ -33,8 +33,8 @@ def scores_interval(raw: str) -> float:
 async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     interval = scores_interval(optional(SCORES_INTERVAL, "60"))
     cache = handlers.ModelsCache()
-    one_by_one, whole_batch = handlers.make_handlers(runtime.topology, cache)
-    live = runtime.consumer(handlers.SPEC, one_by_one, whole_batch)
+    one_by_one, whole_batch, pipeline = handlers.make_handlers(runtime.topology, cache)
+    live = runtime.consumer(handlers.SPEC, one_by_one, whole_batch, pipeline)
     reader = Reader(runtime.settings.database_url, runtime.schema or "profile")
     await reader.start()
     runtime.on_stop.append(reader.close)

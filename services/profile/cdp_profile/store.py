@@ -273,6 +273,22 @@ async def save_many(
     }.items()))
 
 
+async def rescored_since(conn: AsyncConnection, read: Sequence[ProfileState]) -> list[str]:
+    """Of profiles read earlier, the ones whose stored scores are not the ones read any more (the
+    scoring job rescored them meanwhile). Locks their rows, so the job waits until commit."""
+    if not read:
+        return []
+    rows = await conn.execute(
+        text(
+            "SELECT p.profile_id, p.scores IS DISTINCT FROM CAST(r.scores AS jsonb) AS moved FROM profiles p "
+            "JOIN json_to_recordset(CAST(:read AS json)) AS r(profile_id text, scores json) "
+            "ON p.profile_id = r.profile_id ORDER BY p.profile_id FOR UPDATE OF p"
+        ),
+        {"read": convert.to_json([{"profile_id": s.profile_id, "scores": _scores(s)} for s in read])},
+    )
+    return [r.profile_id for r in rows if r.moved]
+
+
 async def save_profiles(
     conn: AsyncConnection, states: Sequence[ProfileState], scores_of: Sequence[str] | None = None
 ) -> None:
@@ -408,6 +424,14 @@ async def record_events(conn: AsyncConnection, events: Sequence[Recorded]) -> se
         ])},
     )
     return {r.event_id for r in rows}
+
+
+async def unrecorded(conn: AsyncConnection, event_ids: Sequence[str]) -> set[str]:
+    """The ids not on the timeline yet (what `record_events` would add)."""
+    if not event_ids:
+        return set()
+    rows = await conn.execute(text("SELECT event_id FROM events WHERE event_id = ANY(:ids)"), {"ids": list(event_ids)})
+    return set(event_ids) - {r.event_id for r in rows}
 
 
 _TIMELINE_COLUMNS = (
