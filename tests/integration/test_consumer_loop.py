@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.v1 import event_pb2
 from cdp_common import db, eventlog
-from cdp_common.consumer import Consumer, ConsumerSpec, LostLock, Planned
+from cdp_common.consumer import Consumer, ConsumerSpec, LostLock, Overlays, Planned
 from cdp_cli.settle import subject_count
 
 pytestmark = pytest.mark.timeout(60)
@@ -165,16 +165,16 @@ async def test_a_poison_message_is_dead_lettered_and_the_rest_flows(nc: NATS, en
     assert eventlog.decode(letter.original_payload).name == "poison"
 
 
-class Numbering:
+class Numbering(Overlays[int]):
     """A pipeline that numbers events in log order: each gets the highest number so far plus one,
     read from the table and from the batches planned but not committed yet."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[Planned, int]] = []
+        super().__init__()
         self.plans = 0
 
     async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned:
-        overlays = [top for _, top in self.pending]  # before the read: the one before may commit meanwhile
+        overlays = self.pending()  # before the read: the one before may commit meanwhile
         stored = (await conn.execute(text("SELECT coalesce(max(n), 0) FROM looptest.numbered"))).scalar_one()
         top = max([stored, *overlays])
         rows = [{"e": event.id, "n": top + i, "name": event.name} for i, event in enumerate(events, start=1)]
@@ -182,16 +182,8 @@ class Numbering:
         async def write(conn: AsyncConnection) -> None:
             await conn.execute(text("INSERT INTO looptest.numbered VALUES (:e, :n, :name)"), rows)
 
-        planned = Planned(write, [])
-        self.pending.append((planned, top + len(rows)))
         self.plans += 1
-        return planned
-
-    def committed(self, planned: Planned) -> None:
-        self.pending = [(p, top) for p, top in self.pending if p is not planned]
-
-    def forget(self) -> None:
-        self.pending = []
+        return self.keep(Planned(write, []), top + len(rows))
 
 
 async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_failed_writes(
@@ -227,7 +219,7 @@ async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_fa
     assert [r.event_id for r in rows] == expected
     assert [r.n for r in rows] == list(range(1, len(expected) + 1))
     assert consumer.dead_lettered == 1 and consumer.batch_failures >= 2
-    assert pipeline.plans > 5 and not pipeline.pending
+    assert pipeline.plans > 5 and not pipeline.pending()
 
 
 async def test_streams_keep_duplicates_out_for_a_day(nc: NATS, namespace: str) -> None:

@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -36,6 +36,9 @@ Handler = Callable[[AsyncConnection, event_pb2.Event], Awaitable[Sequence[eventl
 # loop falls back to the per-event handler, which isolates and dead-letters the bad message.
 BatchHandler = Callable[[AsyncConnection, Sequence[event_pb2.Event]], Awaitable[Sequence[eventlog.Outgoing]]]
 
+
+
+Changes = TypeVar("Changes")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,28 @@ async def share_turn(n: int, every: int) -> None:
     meanwhile sends each of its statements when the one before is done, not after the decision."""
     if n % every == every - 1:
         await asyncio.sleep(0)
+
+
+class Overlays(Generic[Changes]):
+    """A pipeline's memory: what each batch it planned changes, kept from the plan until the batch
+    commits (or until `forget`), for the next plans to read over what the database shows."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Planned, Changes]] = []
+
+    def pending(self) -> list[Changes]:
+        """The changes planned and not committed, oldest first."""
+        return [changes for _, changes in self._pending]
+
+    def keep(self, planned: Planned, changes: Changes) -> Planned:
+        self._pending.append((planned, changes))
+        return planned
+
+    def committed(self, planned: Planned) -> None:
+        self._pending = [(p, c) for p, c in self._pending if p is not planned]
+
+    def forget(self) -> None:
+        self._pending = []
 
 
 class StalePlan(Exception):

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog, identifiers
-from cdp_common.consumer import BatchHandler, Handler, PermanentError, Planned, share_turn
+from cdp_common.consumer import BatchHandler, Handler, Overlays, PermanentError, Planned, share_turn
 from cdp_identity import core, store
 
 _COMMANDS = ("merge_requested", "split_requested")
@@ -216,33 +216,25 @@ async def resolve_events(
     return out
 
 
-class Resolver:
+class Resolver(Overlays[_Working]):
     """The consumer's pipeline (`cdp_common.consumer.Pipeline`): a batch is decided while the one
     before it is written. The graph a batch changes is kept here until its transaction commits,
     and overlays what the next batches read, which the database does not show yet."""
 
     def __init__(self, rules: core.Rules, resolved: Resolved, statistics: db.Statistics) -> None:
+        super().__init__()
         self._rules, self._resolved, self._statistics = rules, resolved, statistics
-        self._pending: list[tuple[Planned, _Working]] = []
 
     async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned | None:
         if any(event.type in _COMMANDS for event in events):
             return None  # operators' requests read and write the graph themselves
-        working, out = await _decide(conn, events, self._rules, self._resolved, [w for _, w in self._pending])
+        working, out = await _decide(conn, events, self._rules, self._resolved, self.pending())
 
         async def write(conn: AsyncConnection) -> None:
             await _write(conn, working)
             await self._statistics.grew(conn, len(working.created))
 
-        planned = Planned(write, out)
-        self._pending.append((planned, working))
-        return planned
-
-    def committed(self, planned: Planned) -> None:
-        self._pending = [(p, w) for p, w in self._pending if p is not planned]
-
-    def forget(self) -> None:
-        self._pending = []
+        return self.keep(Planned(write, out), working)
 
 
 async def merge(

@@ -20,7 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog, identifiers
-from cdp_common.consumer import BatchHandler, ConsumerSpec, Handler, PermanentError, Planned, StalePlan
+from cdp_common.consumer import (
+    BatchHandler, ConsumerSpec, Handler, Overlays, PermanentError, Planned, StalePlan,
+)
 from cdp_profile import core, scoring, store
 from cdp_profile.messages import changed_event
 
@@ -143,7 +145,7 @@ class _Projected:
     out: list[eventlog.Outgoing]
 
 
-class Projector:
+class Projector(Overlays[_Projected]):
     """The live consumer's pipeline (`cdp_common.consumer.Pipeline`): a batch of resolved events is
     read, folded and scored while the batch before it is written. The profiles a batch changes and
     the events it records are kept here until its transaction commits, and overlay what the next
@@ -156,15 +158,15 @@ class Projector:
         fold: Callable[..., Awaitable[_Projected]],
         write: Callable[[AsyncConnection, _Projected], Awaitable[None]],
     ) -> None:
+        super().__init__()
         self._read, self._fold, self._write = read, fold, write
-        self._pending: list[tuple[Planned, _Projected]] = []
 
     async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned | None:
         if any(event.type in OPERATIONS for event in events):
             return None
         overlay: dict[str, core.ProfileState] = {}
         ahead: set[str] = set()
-        for _, earlier in self._pending:
+        for earlier in self.pending():
             overlay.update((s.profile_id, s) for s in earlier.states)
             ahead |= earlier.fresh
         before, placed, causes = await self._read(conn, events, lock=False, overlay=overlay)
@@ -174,15 +176,7 @@ class Projector:
         async def write(conn: AsyncConnection) -> None:
             await self._write(conn, projected)
 
-        planned = Planned(write, projected.out)
-        self._pending.append((planned, projected))
-        return planned
-
-    def committed(self, planned: Planned) -> None:
-        self._pending = [(p, x) for p, x in self._pending if p is not planned]
-
-    def forget(self) -> None:
-        self._pending = []
+        return self.keep(Planned(write, projected.out), projected)
 
 
 def make_handlers(
