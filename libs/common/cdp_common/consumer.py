@@ -136,6 +136,9 @@ class ConsumerSpec:
     max_ack_pending: int = 400
     # How long a request waits for a message once the consumer has caught up.
     fetch_timeout_seconds: float = 1.0
+    # How long a batch that is not full waits for more messages (`Puller`); services take it from
+    # CDP_CONSUMER_LINGER_MS.
+    linger_seconds: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -344,7 +347,7 @@ class Consumer:
                 self._lock = lock
                 await self._flush_outbox()
                 puller = Puller(self._js._nc, self.stream, self.spec.durable, self.spec.batch,  # noqa: SLF001
-                                self.spec.fetch_timeout_seconds)
+                                self.spec.fetch_timeout_seconds, self.spec.linger_seconds)
                 try:
                     await self._reposition(force=reposition)
                     async with self._engine.connect() as reading:

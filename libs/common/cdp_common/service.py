@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -95,7 +95,7 @@ class Runtime:
             outbox=self.outbox,
             schema=self.schema or "",
             topology=self.topology,
-            spec=spec,
+            spec=replace(spec, linger_seconds=self.settings.consumer_linger_ms / 1000),
             handler=handler,
         )
         self.consumers.append(consumer)

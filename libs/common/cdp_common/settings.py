@@ -33,6 +33,10 @@ def optional_int(name: str, default: int, environ: Mapping[str, str] | None = No
         raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
+DEFAULT_LINGER_MS = 50
+# Below the pull request's one-second wait for a first message, and far below the ack wait.
+MAX_LINGER_MS = 1000
+
 _NAMESPACE = re.compile(r"^[a-z][a-z0-9]{0,30}$")
 
 # Where each service serves Prometheus metrics unless CDP_METRICS_LISTEN says otherwise: 9101-9106,
@@ -58,6 +62,8 @@ class Settings:
     metrics_listen: str = ""
     # Set explicitly (CDP_METRICS_LISTEN), so a port in use stops the service; a busy default does not.
     metrics_required: bool = False
+    # How long a log consumer's batch that is not full waits for more messages (`cdp_common.pull`).
+    consumer_linger_ms: int = DEFAULT_LINGER_MS
 
     @classmethod
     def from_env(
@@ -83,7 +89,14 @@ class Settings:
             stream_replicas=_replicas(optional_int("CDP_STREAM_REPLICAS", 1, environ)),
             metrics_listen=_metrics_listen(service, environ),
             metrics_required=optional("CDP_METRICS_LISTEN", "0", environ) != "0",
+            consumer_linger_ms=_linger(optional_int("CDP_CONSUMER_LINGER_MS", DEFAULT_LINGER_MS, environ)),
         )
+
+
+def _linger(value: int) -> int:
+    if not 0 <= value <= MAX_LINGER_MS:
+        raise SettingsError(f"environment variable CDP_CONSUMER_LINGER_MS must be 0 to {MAX_LINGER_MS}, got {value}")
+    return value
 
 
 def _replicas(value: int) -> int:
