@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
-from cdp_common import db
-from cdp_profile import store
+from nats.aio.client import Client as NATS
+from sqlalchemy import text
+
+from cdp_common import db, eventlog
+from cdp_profile import jobs, store
 from cdp_profile.core import ProfileState, Score, Scores
+from cdp_profile.handlers import ModelsCache
 
 
 def scores(label: str, churn: float) -> Scores:
@@ -40,4 +46,44 @@ async def test_a_batch_write_keeps_the_scores_it_did_not_recompute(database_url:
                 "SELECT profile_id, lifecycle_stage, churn_risk FROM profile.profiles ORDER BY profile_id")
             assert [tuple(r) for r in columns] == [("p-ada", "active", 0.7), ("p-bob", "lapsed", 0.9)]
     finally:
+        await engine.dispose()
+
+
+async def test_the_scoring_job_leaves_a_profile_the_consumer_holds_to_its_next_round(
+    database_url: str, nc: NATS, namespace: str
+) -> None:
+    """Waiting for the consumer's row lock could deadlock (a plain batch locks its profiles in
+    several statements); the job skips the held profile, scores the others, and that one later."""
+    engine = db.create_engine(database_url, search_path="profile")
+    topology = eventlog.Topology(namespace)
+    await eventlog.provision_streams(nc.jetstream(), topology)
+    publisher = eventlog.Publisher(nc)
+    outbox = db.Outbox(engine, publisher, "profile")
+    day = datetime(2026, 6, 1, tzinfo=UTC)
+    try:
+        await db.migrate(engine, "profile", store.MIGRATIONS)
+        customers = [
+            ProfileState(f"p-{name}", order_count=2, revenue_cents=5000, first_order_at=day,
+                         last_order_at=day + timedelta(days=20), first_seen_at=day)
+            for name in ("ada", "bob", "cyd")
+        ]
+        async with engine.begin() as conn:
+            await store.save_many(conn, customers, {})
+        async with engine.connect() as holder:
+            await holder.execute(text("SELECT 1 FROM profiles WHERE profile_id = 'p-bob' FOR UPDATE"))
+            first = await asyncio.wait_for(
+                jobs.rescore(engine, outbox, topology, ModelsCache(), day + timedelta(days=60)), 10)
+            await holder.rollback()
+        assert first is not None and first.rescored == 3  # the scan found all three unscored
+        async with engine.connect() as conn:
+            scored = {p: s.scores is not None for p, s in (await store.load_many(conn, ["p-ada", "p-bob", "p-cyd"],
+                                                                                  lock=False)).states.items()}
+        assert scored == {"p-ada": True, "p-bob": False, "p-cyd": True}
+        again = await jobs.rescore(engine, outbox, topology, ModelsCache(), day + timedelta(days=60))
+        assert again is not None and again.rescored == 1
+        async with engine.connect() as conn:
+            bob = (await store.load_many(conn, ["p-bob"], lock=False)).states["p-bob"]
+        assert bob.scores is not None and bob.scores.lifecycle.label
+    finally:
+        await publisher.close()
         await engine.dispose()

@@ -10,6 +10,7 @@ purchase-frequency flag changed. One replica at a time runs it (an advisory lock
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -72,10 +73,12 @@ async def _rescore_chunk(
     engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, profile_ids: Sequence[str],
     models: scoring.Models, now: datetime,
 ) -> None:
-    # Read again under lock: the consumer may have changed a profile since the scan.
+    # Read again under lock: the consumer may have changed a profile since the scan. A profile the
+    # consumer holds right now is left to the next round: waiting for it could deadlock with a
+    # batch that locks its profiles in several statements (runs of events, then a merge's).
     cause = f"scores:{now.isoformat()}"
     async with engine.begin() as conn:
-        loaded = await store.load_many(conn, profile_ids)
+        loaded = await store.load_many(conn, profile_ids, skip_locked=True)
         states, out = [], []
         for before in loaded.states.values():
             state = replace(before, scores=scoring.score(scoring.inputs_of(before), models, now))
@@ -93,10 +96,12 @@ async def run_scoring(
 ) -> None:
     """Rescores now and then every `interval` seconds until cancelled; a failed round is retried."""
     while True:
+        began = time.perf_counter()
         try:
             result = await rescore(engine, outbox, topology, cache, eventlog.now())
             if result is not None:
-                log.info("rescored", customers=result.customers, profiles=result.rescored)
+                log.info("rescored", customers=result.customers, profiles=result.rescored,
+                         seconds=round(time.perf_counter() - began, 3))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - the next round tries again

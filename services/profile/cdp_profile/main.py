@@ -31,7 +31,7 @@ def scores_interval(raw: str) -> float:
 
 
 async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
-    interval = scores_interval(optional(SCORES_INTERVAL, "60"))
+    interval = scores_interval(optional(SCORES_INTERVAL, "300"))
     cache = handlers.ModelsCache()
     one_by_one, whole_batch, pipeline = handlers.make_handlers(runtime.topology, cache)
     live = runtime.consumer(handlers.SPEC, one_by_one, whole_batch, pipeline)

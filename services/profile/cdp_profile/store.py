@@ -164,18 +164,19 @@ class Loaded:
 
 
 async def load_many(
-    conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True, identifiers: bool = True
+    conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True, identifiers: bool = True,
+    skip_locked: bool = False,
 ) -> Loaded:
-    """One read of many profiles (locked in id order, so two writers never deadlock); without
-    `identifiers`, their states hold none (a rebuild keeps who owns which on its own)."""
+    """One read of many profiles (locked in id order); without `identifiers`, their states hold
+    none (a rebuild keeps who owns which on its own). `skip_locked`: leaves out the profiles another
+    transaction holds, instead of waiting for them (a writer that locks in several statements could
+    otherwise deadlock with this one)."""
     ids = sorted(set(profile_ids))
     if not ids:
         return Loaded({}, {})
+    locking = (" FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE") if lock else ""
     rows = (
-        await conn.execute(
-            text(f"{_SELECT} WHERE profile_id = ANY(:p) ORDER BY profile_id" + (" FOR UPDATE" if lock else "")),
-            {"p": ids},
-        )
+        await conn.execute(text(f"{_SELECT} WHERE profile_id = ANY(:p) ORDER BY profile_id{locking}"), {"p": ids})
     ).all()
     held: dict[str, set[tuple[str, str]]] = {}
     live = [r.profile_id for r in rows if r.merged_into is None]
