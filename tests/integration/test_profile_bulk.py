@@ -226,6 +226,33 @@ async def test_the_pipelined_live_projection_builds_what_the_plain_one_does(data
     assert '"order_count": 3' in ada and '"plan": "max"' in ada and len(want["timeline"]) == 7
 
 
+async def test_the_pipelined_projection_follows_merges_planned_but_not_written(database_url: str) -> None:
+    """Merges are walked in the pipeline too: an event for a profile merged away in the batch ahead
+    (planned, not written yet) lands on the survivor, through a chain of merges across batches."""
+    log = [
+        order(1, "p-ada", 10.0, ADA), resolved(2, "p-v", "page", "Home", ids=VISIT), merged(1, "p-ada", "p-v"),
+        order(3, "p-v", 20.0, VISIT), resolved(4, "p-bob", "identify", ids=BOB, traits={"name": "Bob"}),
+        merged(2, "p-bob", "p-cy"),
+        order(5, "p-cy", 5.0, CY), merged(3, "p-ada", "p-bob"), resolved(6, "p-v", "page", "Sale", ids=VISIT),
+        order(7, "p-cy", 7.0, CY), merged(1, "p-ada", "p-v"), order(3, "p-v", 20.0, VISIT),
+    ]
+    models = {}
+    for schema, pipelined in (("profile", False), ("profile_next", True)):
+        engine = db.create_engine(database_url, pool_size=1, search_path=schema)
+        try:
+            await db.migrate(engine, schema, store.MIGRATIONS)
+            assert await live(engine, log, batch=3, pipelined=pipelined) == 0
+        finally:
+            await engine.dispose()
+        models[schema] = await read_model(database_url, schema)
+    want, got = models["profile"], models["profile_next"]
+    for part in ("profiles", "identifiers", "timeline"):
+        assert got[part] == want[part], part
+    assert '"order_count": 4' in want["profiles"]["p-ada"]
+    assert {row for row in want["timeline"].values() if '"p-ada"' not in row} == set()
+    assert want["identifiers"][("anonymous_id", "c1")] == "p-ada"
+
+
 async def test_a_plan_whose_profiles_were_rescored_meanwhile_is_not_written(database_url: str) -> None:
     """The scoring job may rescore a profile between a batch's plan and its write: the plan's
     snapshot would carry the old scores, so the write refuses (the consumer then applies the batch

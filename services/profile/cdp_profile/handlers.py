@@ -1,12 +1,14 @@
 """Profile's log consumer: resolved events and merges from identity become the read model.
 
-A fetch batch is applied with a handful of queries: the events go to the timeline in one
-statement (its primary key drops redelivered ones), every touched profile is read once, the
-new events are folded in memory, each profile is rescored with the stored models, and the
-profiles are written back in one statement. Merges and splits in a batch are applied one by
-one, in log order. The per-event handler is the same path for one event. A rebuild (`bulk.py`)
-applies long stretches of the log with the same pieces: `recorded`, `observed`, `placed`,
-`merging` and `rescore`.
+A fetch batch is applied with a handful of queries whatever it holds, splits aside: every touched
+profile is read once; the batch is walked in log order in memory (an event folds into the profile
+it lives on by then, a merge folds the merged profiles into their survivor); each changed profile
+is rescored with the stored models; then merged-away profiles' history moves to their survivors,
+the events go to the timeline (its primary key drops redelivered ones) and the profiles are written
+back, one statement each. A split reads and moves a profile's history, so it is applied on its own,
+in log order. The per-event handler is the same path for one event. A rebuild (`bulk.py`) applies
+long stretches of the log with the same pieces: `recorded`, `observed`, `placed`, `merging` and
+`rescore`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from cdp_profile.messages import changed_event
 
 # Three batches in flight with the pipeline: one being written, one being decided, one on its way.
 SPEC = ConsumerSpec(durable="profile-project", area="identity", max_ack_pending=600)
-OPERATIONS = ("profiles_merged", "profile_split")
+MERGED, SPLIT = "profiles_merged", "profile_split"
 EMPTY: Mapping[str, core.ProfileState] = {}
+EMPTY_MERGES: Mapping[str, str] = {}
 # Merges followed from a merged-away id to its survivor, at most.
 MERGE_CHAIN = 100
 
@@ -90,7 +93,8 @@ def placed(profile_id: str, merged_into: Mapping[str, str]) -> str:
 async def _live(
     conn: AsyncConnection, profile_ids: Sequence[str], lock: bool = True
 ) -> tuple[store.Loaded, dict[str, str]]:
-    """The touched profiles (locked), and where each id lives now (a merged-away id: its survivor)."""
+    """The touched profiles (locked), and every merge on the way from them to their survivors
+    (merged-away id -> survivor); the survivors are read too."""
     loaded = await store.load_many(conn, profile_ids, lock=lock)
     merged_into = dict(loaded.merged_into)
     pending = dict(loaded.merged_into)
@@ -101,7 +105,7 @@ async def _live(
         loaded.states.update(survivors.states)
         merged_into.update(survivors.merged_into)
         pending = dict(survivors.merged_into)
-    return loaded, {p: placed(p, merged_into) for p in profile_ids}
+    return loaded, merged_into
 
 
 def merging(
@@ -133,28 +137,77 @@ def rescore(
     return result
 
 
+class _Walk:
+    """A batch walked in log order in memory: each fresh event goes to the profile it lives on by
+    then (folded lazily: a fold is the same in any order and grouping), each merge folds the merged
+    profiles into their survivor."""
+
+    def __init__(self, before: Mapping[str, core.ProfileState], merged_into: Mapping[str, str]) -> None:
+        self.states = dict(before)
+        self.merged_into = dict(merged_into)
+        self.changed: dict[str, str] = {}  # live profiles changed -> the event that changed them last
+        self.gone: dict[str, core.ProfileState] = {}  # changed here, then merged away: as they were
+        self.retired: dict[str, tuple[str, str]] = {}  # merged away here -> (survivor, the merge's id)
+        self._unfolded: dict[str, list[store.Recorded]] = {}
+
+    def event(self, row: store.Recorded) -> None:
+        at = placed(row.profile_id, self.merged_into)
+        self._unfolded.setdefault(at, []).append(row)
+        self.changed[at] = row.event_id
+
+    def merge(self, event: event_pb2.Event) -> None:
+        detail = event.profiles_merged
+        self.fold([detail.survivor_id, *detail.merged_ids])
+        plan = merging(detail, self.states, self.merged_into)
+        if plan is None:
+            return
+        self.states[detail.survivor_id], fresh = plan
+        self.changed[detail.survivor_id] = event.id
+        for profile_id in fresh:
+            self.merged_into[profile_id] = detail.survivor_id
+            self.retired[profile_id] = (detail.survivor_id, event.id)
+            state = self.states.pop(profile_id, None)
+            if self.changed.pop(profile_id, None) is not None and state is not None:
+                self.gone[profile_id] = state
+
+    def fold(self, profile_ids: Sequence[str]) -> None:
+        for profile_id in profile_ids:
+            rows = self._unfolded.pop(profile_id, None)
+            if rows:
+                state = self.states.get(profile_id) or core.ProfileState(profile_id)
+                self.states[profile_id] = core.fold(state, (observed(r) for r in rows))
+
+    def done(self) -> list[core.ProfileState]:
+        """The changed profiles: the live ones, then the ones merged away after a change here."""
+        self.fold(list(self._unfolded))
+        return [*(self.states[p] for p in self.changed), *self.gone.values()]
+
+
 @dataclass
 class _Projected:
-    """A run of resolved events folded into their profiles, not written yet."""
+    """A batch walked and scored, not written yet."""
 
-    placed: list[store.Recorded]  # timeline rows, on the profiles the events live on now
+    placed: list[store.Recorded]  # timeline rows, on the profiles the events live on after the batch
     fresh: set[str]  # the ids of those not on the timeline yet: the ones folded
     before: Mapping[str, core.ProfileState]
-    states: list[core.ProfileState]
+    states: list[core.ProfileState]  # the live profiles changed
+    gone: list[core.ProfileState]  # profiles changed, then merged away, as they were then
     scores_of: list[str]  # the profiles whose scores changed
+    retired: dict[str, str]  # merged away by the batch -> survivor
+    moved: dict[str, str]  # merged away by the batch -> where their history goes (the last survivor)
     out: list[eventlog.Outgoing]
 
 
 class Projector(Overlays[_Projected]):
-    """The live consumer's pipeline (`cdp_common.consumer.Pipeline`): a batch of resolved events is
-    read, folded and scored while the batch before it is written. The profiles a batch changes and
-    the events it records are kept here until its transaction commits, and overlay what the next
-    batches read. Batches with merges or splits go the plain way."""
+    """The live consumer's pipeline (`cdp_common.consumer.Pipeline`): a batch is read, walked and
+    scored while the batch before it is written. The profiles a batch changes, the events it records
+    and the merges it makes are kept here until its transaction commits, and overlay what the next
+    batches read. Batches with a split go the plain way."""
 
     def __init__(
         self,
-        read: Callable[..., Awaitable[tuple[Mapping[str, core.ProfileState], list[store.Recorded],
-                                               dict[str, event_pb2.Event]]]],
+        read: Callable[..., Awaitable[tuple[Mapping[str, core.ProfileState], dict[str, store.Recorded],
+                                               dict[str, str]]]],
         fold: Callable[..., Awaitable[_Projected]],
         write: Callable[[AsyncConnection, _Projected], Awaitable[None]],
     ) -> None:
@@ -162,16 +215,18 @@ class Projector(Overlays[_Projected]):
         self._read, self._fold, self._write = read, fold, write
 
     async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned | None:
-        if any(event.type in OPERATIONS for event in events):
+        if any(event.type == SPLIT for event in events):
             return None
         overlay: dict[str, core.ProfileState] = {}
+        merged: dict[str, str] = {}
         ahead: set[str] = set()
         for earlier in self.pending():
             overlay.update((s.profile_id, s) for s in earlier.states)
+            merged.update(earlier.retired)
             ahead |= earlier.fresh
-        before, placed, causes = await self._read(conn, events, lock=False, overlay=overlay)
-        fresh = await store.unrecorded(conn, [r.event_id for r in placed if r.event_id not in ahead])
-        projected = await self._fold(conn, before, placed, fresh, causes)
+        before, rows, merged_into = await self._read(conn, events, lock=False, overlay=overlay, merged=merged)
+        fresh = await store.unrecorded(conn, [e for e in rows if e not in ahead])
+        projected = await self._fold(conn, events, before, rows, merged_into, fresh)
 
         async def write(conn: AsyncConnection) -> None:
             await self._write(conn, projected)
@@ -196,71 +251,94 @@ def make_handlers(
 
     async def read(
         conn: AsyncConnection, events: Sequence[event_pb2.Event], lock: bool = True,
-        overlay: Mapping[str, core.ProfileState] = EMPTY,
-    ) -> tuple[Mapping[str, core.ProfileState], list[store.Recorded], dict[str, event_pb2.Event]]:
-        """The touched profiles (`overlay` over the stored ones), the events as timeline rows on
-        the profiles they live on now, and the events by id."""
+        overlay: Mapping[str, core.ProfileState] = EMPTY, merged: Mapping[str, str] = EMPTY_MERGES,
+    ) -> tuple[Mapping[str, core.ProfileState], dict[str, store.Recorded], dict[str, str]]:
+        """The touched profiles (`overlay` over the stored ones), the resolved events as timeline
+        rows by id, and the merges that lead from the touched ids to their survivors (`merged`: the
+        ones of batches planned before, over the stored ones)."""
         rows: dict[str, store.Recorded] = {}
-        causes: dict[str, event_pb2.Event] = {}
+        touched: set[str] = set()
         for event in events:
-            rows.setdefault(event.id, recorded(event))
-            causes[event.id] = event
-        loaded, where = await _live(conn, sorted({r.profile_id for r in rows.values()}), lock=lock)
-        before = {**loaded.states, **{p: overlay[p] for p in where.values() if p in overlay}}
-        placed = [r if where[r.profile_id] == r.profile_id else replace(r, profile_id=where[r.profile_id])
-                  for r in rows.values()]
-        return before, placed, causes
+            if event.type == MERGED:
+                touched.add(event.profiles_merged.survivor_id)
+                touched.update(event.profiles_merged.merged_ids)
+            elif event.id not in rows:
+                rows[event.id] = recorded(event)
+                touched.add(event.profile_id)
+        loaded, merged_into = await _live(conn, sorted(touched - merged.keys()), lock=lock)
+        merged_into.update(merged)
+        before = {p: s for p, s in loaded.states.items() if p not in merged_into}
+        before.update((p, overlay[p]) for p in {placed(p, merged_into) for p in touched} if p in overlay)
+        return before, rows, merged_into
 
     async def fold(
-        conn: AsyncConnection, before: Mapping[str, core.ProfileState], placed: list[store.Recorded],
-        fresh: set[str], causes: Mapping[str, event_pb2.Event],
+        conn: AsyncConnection, events: Sequence[event_pb2.Event], before: Mapping[str, core.ProfileState],
+        rows: Mapping[str, store.Recorded], merged_into: Mapping[str, str], fresh: set[str],
     ) -> _Projected:
-        """The fresh events folded into their profiles and rescored; one profile_changed each."""
-        by_profile: dict[str, list[store.Recorded]] = {}
-        for row in placed:
-            if row.event_id in fresh:
-                by_profile.setdefault(row.profile_id, []).append(row)
-        folded = [
-            core.fold(before.get(pid) or core.ProfileState(pid), (observed(r) for r in got))
-            for pid, got in by_profile.items()
-        ]
-        states = await rescored(conn, folded, before) if folded else []
+        """The batch walked in log order, the changed profiles rescored; one profile_changed per live
+        profile changed, and one per profile merged away."""
+        walk = _Walk(before, merged_into)
+        folded: set[str] = set()
+        for event in events:
+            if event.type == MERGED:
+                walk.merge(event)
+            elif event.id in fresh and event.id not in folded:
+                folded.add(event.id)
+                walk.event(rows[event.id])
+        changed = walk.done()
+        states = await rescored(conn, changed, before) if changed else []
+        live, gone = states[:len(walk.changed)], states[len(walk.changed):]
+        retired = {p: survivor for p, (survivor, _) in walk.retired.items()}
         out = []
         if publish:
-            for state in states:
-                last = by_profile[state.profile_id][-1].event_id
+            causes = {event.id: event for event in events}
+            for state in live:
+                cause = walk.changed[state.profile_id]
                 fields = core.changed_fields(before.get(state.profile_id), state)
-                out.append(changed_event(topology, state, fields, cause_id=last, cause=causes[last]))
-        scores_of = [s.profile_id for s, f in zip(states, folded, strict=True) if s.scores is not f.scores]
-        return _Projected(placed, fresh, before, states, scores_of, out)
+                out.append(changed_event(topology, state, fields, cause_id=cause, cause=causes[cause]))
+            out.extend(merged_away(causes[merge], p, survivor) for p, (survivor, merge) in walk.retired.items())
+        return _Projected(
+            placed=[r if (at := placed(r.profile_id, walk.merged_into)) == r.profile_id else replace(r, profile_id=at)
+                    for r in rows.values()],
+            fresh=fresh, before=before, states=live, gone=gone,
+            scores_of=[s.profile_id for s, f in zip(states, changed, strict=True) if s.scores is not f.scores],
+            retired=retired, moved={p: placed(p, walk.merged_into) for p in retired}, out=out,
+        )
 
-    async def write(conn: AsyncConnection, projected: _Projected) -> None:
-        """A planned projection, in the batch's transaction; StalePlan if the timeline moved."""
-        # Read outside a transaction: the timeline and the scores (the scoring job may run beside
-        # the consumer, in this process or another replica) must still be as read.
-        moved = await store.rescored_since(conn, [
-            projected.before[s.profile_id] for s in projected.states if s.profile_id in projected.before
-        ])
-        if moved:
-            raise StalePlan(f"the scoring job rescored {len(moved)} of the batch's profiles meanwhile")
+    async def write(conn: AsyncConnection, projected: _Projected, planned: bool = True) -> None:
+        """A projection, in the batch's transaction. A planned one checks first that the scoring job
+        did not rescore its profiles and that its events are still new (StalePlan otherwise)."""
+        if planned:
+            # Read outside a transaction: the scores (the scoring job may run beside the consumer,
+            # in this process or another replica) must still be as read.
+            read = [projected.before[s.profile_id] for s in (*projected.states, *projected.gone)
+                    if s.profile_id in projected.before]
+            moved = await store.rescored_since(conn, read)
+            if moved:
+                raise StalePlan(f"the scoring job rescored {len(moved)} of the batch's profiles meanwhile")
+        if projected.moved:
+            await store.move_history(conn, projected.moved)
         recorded_now = await store.record_events(conn, projected.placed)
         if recorded_now != projected.fresh:
             raise StalePlan(f"{len(projected.fresh)} events were to be new on the timeline, {len(recorded_now)} are")
         await statistics.grew(conn, len(recorded_now))
+        if projected.gone:
+            # As they were when merged away; their identifiers are the survivors' now.
+            await store.save_profiles(conn, projected.gone, projected.scores_of)
         if projected.states:
             await store.save_many(conn, projected.states, projected.before, scores_of=projected.scores_of)
+        if projected.retired:
+            await store.mark_merged(conn, projected.retired)
 
     async def project(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> list[eventlog.Outgoing]:
-        """Resolved events: timeline, fold, rescore, write; one profile_changed per touched profile."""
-        before, placed, causes = await read(conn, events)
-        fresh = await store.record_events(conn, placed)
-        await statistics.grew(conn, len(fresh))
-        projected = await fold(conn, before, placed, fresh, causes)
-        if projected.states:
-            await store.save_many(conn, projected.states, before, scores_of=projected.scores_of)
+        """Resolved events and merges, read under lock and written at once."""
+        before, rows, merged_into = await read(conn, events)
+        fresh = await store.unrecorded(conn, list(rows))
+        projected = await fold(conn, events, before, rows, merged_into, fresh)
+        await write(conn, projected, planned=False)
         return projected.out
 
-    def retired(cause: event_pb2.Event, profile_id: str, survivor_id: str) -> eventlog.Outgoing:
+    def merged_away(cause: event_pb2.Event, profile_id: str, survivor_id: str) -> eventlog.Outgoing:
         event = eventlog.new_event(
             "profile_changed", event_id=eventlog.derived_id(cause.id, f"changed:{profile_id}"),
             source="profile", cause=cause,
@@ -270,23 +348,6 @@ def make_handlers(
         event.profile_changed.merged_into = survivor_id
         event.profile_changed.changed_fields.append("merged_into")
         return eventlog.Outgoing(topology.keyed("profile", profile_id, "changed"), event)
-
-    async def on_merged(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        detail = event.profiles_merged
-        loaded = await store.load_many(conn, [detail.survivor_id, *detail.merged_ids])
-        plan = merging(detail, loaded.states, loaded.merged_into)
-        if plan is None:
-            return []
-        merged, fresh = plan
-        survivor = loaded.states.get(detail.survivor_id) or core.ProfileState(detail.survivor_id)
-        [state] = await rescored(conn, [merged])
-        await store.save_many(conn, [state], loaded.states)
-        await store.retire(conn, fresh, detail.survivor_id)
-        fields = core.changed_fields(survivor, state)
-        return [
-            changed_event(topology, state, fields, cause_id=event.id, cause=event),
-            *(retired(event, p, detail.survivor_id) for p in fresh),
-        ]
 
     async def recompute(conn: AsyncConnection, profile_id: str, merged_ids: Sequence[str]) -> core.ProfileState:
         """A profile folded again from its own timeline (after a split moved events away)."""
@@ -314,25 +375,20 @@ def make_handlers(
             for s in states
         ]
 
-    async def operation(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        if event.type == "profiles_merged":
-            return await on_merged(conn, event)
-        return await on_split(conn, event)
-
     async def handle(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        if event.type in OPERATIONS:
-            return await operation(conn, event)
+        if event.type == SPLIT:
+            return await on_split(conn, event)
         return await project(conn, [event])
 
     async def handle_batch(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
         out: list[eventlog.Outgoing] = []
         run: list[event_pb2.Event] = []
         for event in events:
-            if event.type in OPERATIONS:
+            if event.type == SPLIT:
                 if run:
                     out.extend(await project(conn, run))
                     run = []
-                out.extend(await operation(conn, event))
+                out.extend(await on_split(conn, event))
             else:
                 run.append(event)
         if run:
