@@ -19,7 +19,7 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     smtp = SmtpSettings(host=require("CDP_SMTP_HOST"), port=optional_int("CDP_SMTP_PORT", 25))
     sender = Sender(runtime.engine, runtime.outbox, runtime.topology, smtp)
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(runtime.engine), server)
-    runtime.consumer(handlers.SPEC, handlers.make_handler(sender.wake.set))
+    runtime.consumer(handlers.SPEC, *handlers.make_handlers(sender.wake.set))
     runtime.background.append(asyncio.create_task(sender.run(), name="activation-sender"))
     return [activation_pb2.DESCRIPTOR.services_by_name["ActivationService"].full_name]
 

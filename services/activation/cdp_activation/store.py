@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
 
 from sqlalchemy import Result, Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -83,21 +84,54 @@ async def sent_counts(conn: AsyncConnection) -> dict[str, int]:
     return {r.campaign_id: int(r.n) for r in rows}
 
 
-async def queue(
-    conn: AsyncConnection, *, send_id: str, campaign_id: str, profile_id: str, trigger_event_id: str,
-    segment_id: str, recipient: str, subject: str, body: str, status: str = "pending", error: str | None = None,
-) -> bool:
-    """Queues a send; False if this trigger already queued one for the campaign."""
+async def campaigns_on(conn: AsyncConnection, segment_ids: Iterable[str]) -> dict[str, list[Campaign]]:
+    """The campaigns of these segments, by segment (in campaign id order)."""
+    rows: Result[str, str, str, str, str, str] = await conn.execute(
+        text(
+            "SELECT campaign_id, segment_id, channel, from_address, subject_template, body_template "
+            "FROM activation.campaigns WHERE segment_id = ANY(:segs) ORDER BY campaign_id"
+        ),
+        {"segs": sorted(set(segment_ids))},
+    )
+    found: dict[str, list[Campaign]] = {}
+    for row in rows:
+        campaign = Campaign(*row)
+        found.setdefault(campaign.segment_id, []).append(campaign)
+    return found
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A send to queue (`status` pending, or why it is skipped, with `error`)."""
+
+    send_id: str
+    campaign_id: str
+    profile_id: str
+    trigger_event_id: str
+    segment_id: str
+    recipient: str
+    subject: str
+    body: str
+    status: str = "pending"
+    error: str | None = None
+
+
+async def queue(conn: AsyncConnection, sends: Sequence[Queued]) -> set[str]:
+    """Queues sends in one statement; returns the ids queued now (a trigger that already queued its
+    campaign's send, e.g. a redelivered entry, queues nothing new)."""
+    if not sends:
+        return set()
+    columns = [f.name for f in fields(Queued)]
     result = await conn.execute(
         text(
             "INSERT INTO activation.sends (send_id, campaign_id, profile_id, trigger_event_id, segment_id, "
-            "recipient, subject, body, status, last_error) VALUES (:id, :c, :p, :t, :s, :r, :sub, :b, :st, :e) "
-            "ON CONFLICT DO NOTHING"
+            "recipient, subject, body, status, last_error) SELECT * FROM unnest("
+            + ", ".join(f"CAST(:{c} AS text[])" for c in columns)
+            + ") ON CONFLICT DO NOTHING RETURNING send_id"
         ),
-        {"id": send_id, "c": campaign_id, "p": profile_id, "t": trigger_event_id, "s": segment_id,
-         "r": recipient, "sub": subject, "b": body, "st": status, "e": error},
+        {c: [getattr(s, c) for s in sends] for c in columns},
     )
-    return bool(result.rowcount)
+    return set(result.scalars())
 
 
 async def pending_ids(conn: AsyncConnection, limit: int) -> list[str]:
