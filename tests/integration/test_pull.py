@@ -81,4 +81,4 @@ def test_a_bad_linger_setting_names_the_variable(raw: str, error: str) -> None:
     with pytest.raises(SettingsError, match=f"CDP_CONSUMER_LINGER_MS {error}"):
         Settings.from_env("profile", 50053, environ)
     assert Settings.from_env("profile", 50053, {**environ, "CDP_CONSUMER_LINGER_MS": "0"}).consumer_linger_ms == 0
-    assert Settings.from_env("profile", 50053, {"CDP_NATS_URL": "nats://x:4222"}).consumer_linger_ms == 50
+    assert Settings.from_env("profile", 50053, {"CDP_NATS_URL": "nats://x:4222"}).consumer_linger_ms == 100

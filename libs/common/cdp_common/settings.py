@@ -33,7 +33,7 @@ def optional_int(name: str, default: int, environ: Mapping[str, str] | None = No
         raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
-DEFAULT_LINGER_MS = 50
+DEFAULT_LINGER_MS = 100
 # Below the pull request's one-second wait for a first message, and far below the ack wait.
 MAX_LINGER_MS = 1000
 
