@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -88,14 +88,27 @@ class StructView(Mapping[str, Any]):
         return len(self.struct.fields)
 
 
+# Timestamp.ToDatetime and FromDatetime are pure Python and several times slower than the
+# arithmetic below; every event goes through them a few times.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_datetime(ts: Timestamp) -> datetime | None:
-    if ts.seconds == 0 and ts.nanos == 0:
+    """The time in UTC; None for an unset Timestamp. ValueError or OverflowError outside
+    Timestamp's range (years 1-9999, nanos 0 to 999,999,999)."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if seconds == 0 and nanos == 0:
         return None
-    return ts.ToDatetime(tzinfo=UTC)
+    if not 0 <= nanos < 1_000_000_000:
+        raise ValueError(f"Timestamp nanos {nanos} outside 0 to 999,999,999")
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def set_timestamp(target: Timestamp, moment: datetime | None) -> None:
+    """Sets `target` to `moment` (a naive one is taken as UTC, as FromDatetime does); clears it for None."""
     if moment is None:
         target.Clear()
-    else:
-        target.FromDatetime(moment)
+        return
+    delta = (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)) - _EPOCH
+    target.seconds = delta.days * 86400 + delta.seconds
+    target.nanos = delta.microseconds * 1000

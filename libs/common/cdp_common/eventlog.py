@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from cdp.v1 import event_pb2
+from cdp_common import convert
 
 # Profile-keyed subjects carry a bounded partition, never the profile id itself: very many
 # distinct subjects slow JetStream down, and a partition keeps one customer's facts in order.
@@ -130,7 +131,7 @@ def now() -> datetime:
 
 def timestamp(moment: datetime) -> Timestamp:
     ts = Timestamp()
-    ts.FromDatetime(moment)
+    convert.set_timestamp(ts, moment)
     return ts
 
 

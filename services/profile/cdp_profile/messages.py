@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -11,15 +11,9 @@ from cdp.v1 import event_pb2
 from cdp_common import convert, eventlog
 from cdp_profile.core import ProfileState, Score
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _set(target: Timestamp, moment: datetime | None) -> None:
-    # Timestamp.FromDatetime is pure Python and several times slower; this runs for every change.
     if moment is not None:
-        delta = moment - _EPOCH
-        target.seconds = delta.days * 86400 + delta.seconds
-        target.nanos = delta.microseconds * 1000
+        convert.set_timestamp(target, moment)
 
 
 def _time(iso: str) -> datetime | None:
