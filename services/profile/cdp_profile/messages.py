@@ -11,6 +11,7 @@ from cdp.v1 import event_pb2
 from cdp_common import convert, eventlog
 from cdp_profile.core import ProfileState, Score
 
+
 def _set(target: Timestamp, moment: datetime | None) -> None:
     if moment is not None:
         convert.set_timestamp(target, moment)
