@@ -6,9 +6,9 @@ log, so it applies a chunk of many thousand events in one transaction:
 
 - the chunk's profiles are read once, without locks or identifiers (the chunk decides who owns
   each identifier it carries: the profile of the last event that carried it);
-- its events are walked in log order with the live projection's own pieces: `handlers.recorded`
-  and `placed` (an event of a merged-away profile goes to its survivor), `core.fold` of a
-  profile's events, `handlers.merging`, then `handlers.rescore` once per touched profile;
+- its events are walked in log order with the live projection's own pieces: `handlers.recorded`,
+  then `handlers.Walk` (an event of a merged-away profile goes to its survivor, a merge folds the
+  merged profiles into it), then `handlers.rescore` once per touched profile;
 - the timeline goes in with COPY, every touched profile and claimed identifier is written once,
   and merged-away profiles point at their survivors;
 - merged-away profiles' timeline rows and identifiers move to their survivors later, in one
@@ -65,61 +65,20 @@ class _Model:
         self.complete = False
 
 
-class _Chunk:
-    """One stretch of the log without splits, folded in memory onto the model."""
+class _Chunk(handlers.Walk):
+    """One stretch of the log without splits, walked in memory onto the model; it also makes the
+    timeline's rows and decides who owns each identifier it carries."""
 
     def __init__(self, model: _Model) -> None:
-        self.states, self.merged_into = model.states, model.merged_into
-        self.before: dict[str, core.ProfileState] = {}  # the changed profiles as stored
-        self.unfolded: dict[str, list[store.Recorded]] = {}
-        self.changed: set[str] = set()
-        self.gone: dict[str, core.ProfileState] = {}  # merged away here: the state they had
-        self.retired: dict[str, str] = {}  # merged away here -> survivor
+        super().__init__(model.states, model.merged_into, with_identifiers=False)
         self.owners: dict[Key, str] = {}
         self.timeline: list[tuple[Any, ...]] = []
 
     def add(self, row: store.Recorded) -> None:
-        at = handlers.placed(row.profile_id, self.merged_into)
-        rows = self.unfolded.get(at)
-        if rows is None:
-            rows = self.unfolded[at] = []
-        rows.append(row)
+        at = self.event(row)
         self.timeline.append(store.timeline_record(row, at))
         for key in row.identifiers:
             self.owners[key] = at
-
-    def fold(self, profile_ids: Iterable[str]) -> None:
-        """Folds what arrived for these profiles (a fold is the same in any order and grouping)."""
-        for profile_id in profile_ids:
-            rows = self.unfolded.pop(profile_id, None)
-            if rows:
-                state = self.states.get(profile_id)
-                if state is not None and profile_id not in self.before:
-                    self.before[profile_id] = state
-                # Identifiers are owned by `owners`, not by the state (its row has none).
-                self.states[profile_id] = core.fold(
-                    state or core.ProfileState(profile_id), (handlers.observed(r, with_identifiers=False) for r in rows))
-                self.changed.add(profile_id)
-
-    def merge(self, detail: event_pb2.ProfilesMerged) -> None:
-        self.fold([detail.survivor_id, *detail.merged_ids])
-        plan = handlers.merging(detail, self.states, self.merged_into)
-        if plan is None:
-            return
-        survivor = self.states.get(detail.survivor_id)
-        if survivor is not None and detail.survivor_id not in self.before:
-            self.before[detail.survivor_id] = survivor
-        self.states[detail.survivor_id], fresh = plan
-        self.changed.add(detail.survivor_id)
-        for profile_id in fresh:
-            self.merged_into[profile_id] = self.retired[profile_id] = detail.survivor_id
-            if profile_id in self.states:
-                self.gone[profile_id] = self.states.pop(profile_id)
-
-    def written(self) -> list[core.ProfileState]:
-        """Every profile this chunk changed, merged-away ones as they were when merged."""
-        self.fold(list(self.unfolded))
-        return [self.states[p] if p in self.states else self.gone[p] for p in self.changed]
 
 
 class Bulk:
@@ -207,13 +166,13 @@ class Bulk:
 
     async def _in_memory(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> tuple[int, dict[str, str]]:
         """A stretch without splits in one transaction; (skipped, merged away -> survivor)."""
-        items: list[store.Recorded | event_pb2.ProfilesMerged] = []
+        items: list[store.Recorded | event_pb2.Event] = []
         ids: set[str] = set()
         seen: set[str] = set()
         skipped = 0
         for event in events:
-            if event.type == "profiles_merged":
-                items.append(event.profiles_merged)
+            if event.type == handlers.MERGED:
+                items.append(event)
                 ids.add(event.profiles_merged.survivor_id)
                 ids.update(event.profiles_merged.merged_ids)
                 continue
@@ -242,7 +201,7 @@ class Bulk:
                 chunk.add(item)
             else:
                 chunk.merge(item)
-        written = chunk.written()
+        written = chunk.done()
         states = handlers.rescore(written, models, eventlog.now(), chunk.before)
         await store.copy_timeline(conn, chunk.timeline)
         await store.copy_profiles(conn, [s for s in states if s.profile_id not in model.stored])

@@ -7,8 +7,7 @@ is rescored with the stored models; then merged-away profiles' history moves to 
 the events go to the timeline (its primary key drops redelivered ones) and the profiles are written
 back, one statement each. A split reads and moves a profile's history, so it is applied on its own,
 in log order. The per-event handler is the same path for one event. A rebuild (`bulk.py`) applies
-long stretches of the log with the same pieces: `recorded`, `observed`, `placed`, `merging` and
-`rescore`.
+long stretches of the log with the same pieces: `recorded`, `Walk` and `rescore`.
 """
 
 from __future__ import annotations
@@ -137,23 +136,32 @@ def rescore(
     return result
 
 
-class _Walk:
-    """A batch walked in log order in memory: each fresh event goes to the profile it lives on by
-    then (folded lazily: a fold is the same in any order and grouping), each merge folds the merged
-    profiles into their survivor."""
+class Walk:
+    """A stretch of the log walked in log order in memory: each fresh event goes to the profile it
+    lives on by then (folded lazily: a fold is the same in any order and grouping), each merge folds
+    the merged profiles into their survivor. The live projection walks a batch over copies of what
+    it read; a rebuild (`bulk.py`) walks a chunk over the profiles it keeps between chunks, and its
+    states hold no identifiers (`with_identifiers=False`: it keeps who owns which on its own)."""
 
-    def __init__(self, before: Mapping[str, core.ProfileState], merged_into: Mapping[str, str]) -> None:
-        self.states = dict(before)
-        self.merged_into = dict(merged_into)
+    def __init__(
+        self, states: dict[str, core.ProfileState], merged_into: dict[str, str], with_identifiers: bool = True
+    ) -> None:
+        self.states = states  # live profiles, changed in place
+        self.merged_into = merged_into  # changed in place
+        self.before: dict[str, core.ProfileState] = {}  # the changed profiles as they were
         self.changed: dict[str, str] = {}  # live profiles changed -> the event that changed them last
         self.gone: dict[str, core.ProfileState] = {}  # changed here, then merged away: as they were
-        self.retired: dict[str, tuple[str, str]] = {}  # merged away here -> (survivor, the merge's id)
+        self.retired: dict[str, str] = {}  # merged away here -> survivor
+        self.merged_by: dict[str, str] = {}  # merged away here -> the merge's event id
+        self._with_identifiers = with_identifiers
         self._unfolded: dict[str, list[store.Recorded]] = {}
 
-    def event(self, row: store.Recorded) -> None:
+    def event(self, row: store.Recorded) -> str:
+        """Takes a fresh event; returns the profile it lives on."""
         at = placed(row.profile_id, self.merged_into)
         self._unfolded.setdefault(at, []).append(row)
         self.changed[at] = row.event_id
+        return at
 
     def merge(self, event: event_pb2.Event) -> None:
         detail = event.profiles_merged
@@ -161,11 +169,12 @@ class _Walk:
         plan = merging(detail, self.states, self.merged_into)
         if plan is None:
             return
+        self._keep(detail.survivor_id)
         self.states[detail.survivor_id], fresh = plan
         self.changed[detail.survivor_id] = event.id
         for profile_id in fresh:
-            self.merged_into[profile_id] = detail.survivor_id
-            self.retired[profile_id] = (detail.survivor_id, event.id)
+            self.merged_into[profile_id] = self.retired[profile_id] = detail.survivor_id
+            self.merged_by[profile_id] = event.id
             state = self.states.pop(profile_id, None)
             if self.changed.pop(profile_id, None) is not None and state is not None:
                 self.gone[profile_id] = state
@@ -174,8 +183,14 @@ class _Walk:
         for profile_id in profile_ids:
             rows = self._unfolded.pop(profile_id, None)
             if rows:
+                self._keep(profile_id)
                 state = self.states.get(profile_id) or core.ProfileState(profile_id)
-                self.states[profile_id] = core.fold(state, (observed(r) for r in rows))
+                self.states[profile_id] = core.fold(state, (observed(r, self._with_identifiers) for r in rows))
+
+    def _keep(self, profile_id: str) -> None:
+        state = self.states.get(profile_id)
+        if state is not None and profile_id not in self.before:
+            self.before[profile_id] = state
 
     def done(self) -> list[core.ProfileState]:
         """The changed profiles: the live ones, then the ones merged away after a change here."""
@@ -277,7 +292,7 @@ def make_handlers(
     ) -> _Projected:
         """The batch walked in log order, the changed profiles rescored; one profile_changed per live
         profile changed, and one per profile merged away."""
-        walk = _Walk(before, merged_into)
+        walk = Walk(dict(before), dict(merged_into))
         folded: set[str] = set()
         for event in events:
             if event.type == MERGED:
@@ -288,7 +303,6 @@ def make_handlers(
         changed = walk.done()
         states = await rescored(conn, changed, before) if changed else []
         live, gone = states[:len(walk.changed)], states[len(walk.changed):]
-        retired = {p: survivor for p, (survivor, _) in walk.retired.items()}
         out = []
         if publish:
             causes = {event.id: event for event in events}
@@ -296,13 +310,13 @@ def make_handlers(
                 cause = walk.changed[state.profile_id]
                 fields = core.changed_fields(before.get(state.profile_id), state)
                 out.append(changed_event(topology, state, fields, cause_id=cause, cause=causes[cause]))
-            out.extend(merged_away(causes[merge], p, survivor) for p, (survivor, merge) in walk.retired.items())
+            out.extend(merged_away(causes[walk.merged_by[p]], p, survivor) for p, survivor in walk.retired.items())
         return _Projected(
             placed=[r if (at := placed(r.profile_id, walk.merged_into)) == r.profile_id else replace(r, profile_id=at)
                     for r in rows.values()],
             fresh=fresh, before=before, states=live, gone=gone,
             scores_of=[s.profile_id for s, f in zip(states, changed, strict=True) if s.scores is not f.scores],
-            retired=retired, moved={p: placed(p, walk.merged_into) for p in retired}, out=out,
+            retired=walk.retired, moved={p: placed(p, walk.merged_into) for p in walk.retired}, out=out,
         )
 
     async def write(conn: AsyncConnection, projected: _Projected, planned: bool = True) -> None:
