@@ -86,22 +86,18 @@ class Settings:
             grpc_listen=listen,
             namespace=namespace,
             log_level=optional("CDP_LOG_LEVEL", "info", environ).lower(),
-            stream_replicas=_replicas(optional_int("CDP_STREAM_REPLICAS", 1, environ)),
+            stream_replicas=bounded_int("CDP_STREAM_REPLICAS", 1, 1, 5, environ),
             metrics_listen=_metrics_listen(service, environ),
             metrics_required=optional("CDP_METRICS_LISTEN", "0", environ) != "0",
-            consumer_linger_ms=_linger(optional_int("CDP_CONSUMER_LINGER_MS", DEFAULT_LINGER_MS, environ)),
+            consumer_linger_ms=bounded_int("CDP_CONSUMER_LINGER_MS", DEFAULT_LINGER_MS, 0, MAX_LINGER_MS, environ),
         )
 
 
-def _linger(value: int) -> int:
-    if not 0 <= value <= MAX_LINGER_MS:
-        raise SettingsError(f"environment variable CDP_CONSUMER_LINGER_MS must be 0 to {MAX_LINGER_MS}, got {value}")
-    return value
-
-
-def _replicas(value: int) -> int:
-    if not 1 <= value <= 5:
-        raise SettingsError(f"environment variable CDP_STREAM_REPLICAS must be 1 to 5, got {value}")
+def bounded_int(name: str, default: int, low: int, high: int, environ: Mapping[str, str] | None = None) -> int:
+    """An integer setting that must lie between `low` and `high` (inclusive)."""
+    value = optional_int(name, default, environ)
+    if not low <= value <= high:
+        raise SettingsError(f"environment variable {name} must be {low} to {high}, got {value}")
     return value
 
 
