@@ -7,10 +7,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp_profile.core import Observed, ProfileState, changed_fields, combine, fold, merge
+from cdp_profile.core import (
+    Observed, ProfileState, Score, Scores, changed_fields, combine, fold, from_fields, merge, with_scores,
+)
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -224,3 +227,20 @@ _ties = st.lists(
 @given(events=_ties, data=st.data())
 def test_equal_event_times_resolve_the_same_in_any_order(events: list[Observed], data: st.DataObject) -> None:
     assert folded(*data.draw(st.permutations(events))) == folded(*events)
+
+
+@settings(max_examples=100, deadline=None)
+@given(events=_events)
+def test_states_built_without_init_equal_the_dataclass_built_ones(events: list[Observed]) -> None:
+    state = folded(*events)
+    assert state == ProfileState(**vars(state))
+    scores = Scores(Score("active", 1.0, ("two orders",)))
+    assert with_scores(state, scores) == replace(state, scores=scores)
+
+
+def test_a_state_from_fields_refuses_missing_or_unknown_fields() -> None:
+    fields = vars(ProfileState("p"))
+    with pytest.raises(TypeError, match=r"missing \['scores'\]"):
+        from_fields({k: v for k, v in fields.items() if k != "scores"})
+    with pytest.raises(TypeError, match=r"unknown \['revenue'\]"):
+        from_fields({**fields, "revenue": 1.0})

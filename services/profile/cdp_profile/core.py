@@ -203,6 +203,26 @@ class ProfileState:
 _FIELDS = tuple(f.name for f in fields(ProfileState))
 
 
+_FIELD_NAMES = frozenset(_FIELDS)
+
+
+def from_fields(values: Mapping[str, Any]) -> ProfileState:
+    """A state from a value for each of its fields, without the dataclass __init__: a frozen one
+    sets each of its 28 fields through object.__setattr__, several times the cost, and the
+    projection builds a state per changed profile, and one per profile it reads."""
+    if values.keys() != _FIELD_NAMES:
+        raise TypeError(f"ProfileState fields missing {sorted(_FIELD_NAMES - values.keys())}, "
+                        f"unknown {sorted(values.keys() - _FIELD_NAMES)}")
+    state = object.__new__(ProfileState)
+    state.__dict__.update(values)
+    return state
+
+
+def with_scores(state: ProfileState, scores: Scores | None) -> ProfileState:
+    """`replace(state, scores=scores)`, at the cost of a dict copy (see `from_fields`)."""
+    return from_fields({**state.__dict__, "scores": scores})
+
+
 def _rate(part: int, whole: int) -> float | None:
     # An open counted per open, not per message: re-opening must not push a rate over 100%.
     return min(1.0, part / whole) if whole else None
@@ -345,7 +365,7 @@ class _Working:
         self.v = v
 
     def freeze(self) -> ProfileState:
-        return ProfileState(**{**self.v, "identifiers": frozenset(self.v["identifiers"])})
+        return from_fields({**self.v, "identifiers": frozenset(self.v["identifiers"])})
 
     def set_trait(self, key: str, value: Any, at: str) -> None:
         traits, times = self.v["traits"], self.v["trait_times"]
@@ -376,7 +396,8 @@ class _Working:
 
     def observe(self, event: Observed) -> None:
         at, name, props = event.at, event.name, event.properties
-        when = stamp(at)
+        # The time as text, for the registers (last writer wins): most events set none.
+        when = stamp(at) if event.traits or event.consent or name in _REGISTER_EVENTS else ""
         self.add("event_count", 1)
         self.earliest("first_seen_at", at)
         self.latest("last_seen_at", at)
@@ -444,6 +465,8 @@ class _Working:
             self.latest(name, getattr(other, name))
 
 
+# The events that may set a register besides traits and the envelope's consent.
+_REGISTER_EVENTS = frozenset({CONSENT_UPDATED, UNSUBSCRIBED, LOYALTY_POINTS_EARNED, LOYALTY_TIER_CHANGED, *TICKET_EVENTS})
 _SUMS = ("loyalty_earned", "order_count", "revenue_cents", "refund_count", "refunded_cents", "email_sends",
          "email_deliveries", "email_opens", "email_clicks", "email_bounces", "event_count")
 

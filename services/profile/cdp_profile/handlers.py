@@ -131,7 +131,7 @@ def rescore(
     for state in states:
         inputs, old = scoring.inputs_of(state), before.get(state.profile_id)
         if old is None or old.scores is None or state.scores is None or scoring.inputs_of(old) != inputs:
-            state = replace(state, scores=scoring.score(inputs, models, now))
+            state = core.with_scores(state, scoring.score(inputs, models, now))
         result.append(state)
     return result
 

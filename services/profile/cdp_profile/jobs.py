@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
@@ -81,7 +81,7 @@ async def _rescore_chunk(
         loaded = await store.load_many(conn, profile_ids, skip_locked=True)
         states, out = [], []
         for before in loaded.states.values():
-            state = replace(before, scores=scoring.score(scoring.inputs_of(before), models, now))
+            state = core.with_scores(before, scoring.score(scoring.inputs_of(before), models, now))
             if before.scores is not None and state.scores is not None and before.scores.key() == state.scores.key():
                 continue
             states.append(state)

@@ -18,7 +18,7 @@ from cdp_common import convert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_profile import search
-from cdp_profile.core import ProfileState, Scores, Stamped
+from cdp_profile.core import ProfileState, Scores, Stamped, from_fields
 from cdp_profile.scoring import Inputs, Models
 
 MIGRATIONS = (
@@ -123,36 +123,28 @@ def _stamped(value: Any) -> Stamped | None:
 def state_of(row: RowMapping | Mapping[str, Any], ids: frozenset[tuple[str, str]]) -> ProfileState:
     """A stored row (by column name: a SQLAlchemy row's `_mapping` or an asyncpg record) as state."""
     registers = row["registers"] or {}
-    return ProfileState(
-        profile_id=row["profile_id"],
-        traits=row["traits"],
-        trait_times=row["trait_times"],
-        identifiers=ids,
-        consents={k: (str(v[0]), v[1]) for k, v in registers.get("consents", {}).items()},
-        tickets={k: (str(v[0]), v[1]) for k, v in registers.get("tickets", {}).items()},
-        loyalty_tier=_stamped(registers.get("loyalty_tier")),
-        loyalty_balance=_stamped(registers.get("loyalty_balance")),
-        loyalty_earned=int(registers.get("loyalty_earned", 0)),
-        order_count=row["order_count"],
-        revenue_cents=row["revenue_cents"],
-        first_order_at=row["first_order_at"],
-        last_order_at=row["last_order_at"],
-        categories=row["categories"],
-        refund_count=row["refund_count"],
-        refunded_cents=row["refunded_cents"],
-        email_sends=row["email_sends"],
-        email_deliveries=row["email_deliveries"],
-        email_opens=row["email_opens"],
-        email_clicks=row["email_clicks"],
-        email_bounces=row["email_bounces"],
-        last_open_at=row["last_open_at"],
-        last_click_at=row["last_click_at"],
-        event_count=row["event_count"],
-        first_seen_at=row["first_seen_at"],
-        last_seen_at=row["last_seen_at"],
-        merged_ids=tuple(row["merged_ids"]),
-        scores=Scores.from_dict(row["scores"] or {}),
-    )
+    return from_fields({
+        "profile_id": row["profile_id"],
+        "traits": row["traits"],
+        "trait_times": row["trait_times"],
+        "identifiers": ids,
+        "consents": {k: (str(v[0]), v[1]) for k, v in registers.get("consents", {}).items()},
+        "tickets": {k: (str(v[0]), v[1]) for k, v in registers.get("tickets", {}).items()},
+        "loyalty_tier": _stamped(registers.get("loyalty_tier")),
+        "loyalty_balance": _stamped(registers.get("loyalty_balance")),
+        "loyalty_earned": int(registers.get("loyalty_earned", 0)),
+        **{name: row[name] for name in _AS_STORED},
+        "merged_ids": tuple(row["merged_ids"]),
+        "scores": Scores.from_dict(row["scores"] or {}),
+    })
+
+
+# The state's fields stored as they are, in columns of their own name.
+_AS_STORED = (
+    "order_count", "revenue_cents", "first_order_at", "last_order_at", "categories", "refund_count",
+    "refunded_cents", "email_sends", "email_deliveries", "email_opens", "email_clicks", "email_bounces",
+    "last_open_at", "last_click_at", "event_count", "first_seen_at", "last_seen_at",
+)
 
 
 @dataclass(frozen=True)
@@ -199,66 +191,69 @@ async def load(conn: AsyncConnection, profile_id: str, lock: bool = True) -> Pro
     return (await load_many(conn, [profile_id], lock)).states.get(profile_id)
 
 
-def _registers(s: ProfileState) -> dict[str, Any]:
-    return {
-        "consents": s.consents, "tickets": s.tickets, "loyalty_tier": s.loyalty_tier,
-        "loyalty_balance": s.loyalty_balance, "loyalty_earned": s.loyalty_earned,
-    }
-
-
 def _scores(s: ProfileState) -> dict[str, Any]:
     return s.scores.to_dict() if s.scores else {}
 
 
-# What a profile row is written from: (column, its value as JSON). Rows go to PostgreSQL as one
-# JSON array read by json_populate_recordset: a parameter per column and row costs asyncpg more
+# What a profile row is written from: its columns' values as JSON, a function for the state and
+# one for the scores (a dict literal each: called per changed profile). Rows go to PostgreSQL as
+# one JSON array read by json_populate_recordset: a parameter per column and row costs asyncpg more
 # (type checks of every array element) than PostgreSQL spends parsing the JSON.
-_Column = tuple[str, Callable[[ProfileState], Any]]
-_STATE_COLUMNS: tuple[_Column, ...] = (
-    ("traits", lambda s: dict(s.traits)),
-    ("trait_times", lambda s: dict(s.trait_times)),
-    ("order_count", lambda s: s.order_count),
-    ("revenue", lambda s: s.revenue_cents / 100),
-    ("first_order_at", lambda s: s.first_order_at),
-    ("last_order_at", lambda s: s.last_order_at),
-    ("categories", lambda s: dict(s.categories)),
-    ("refund_count", lambda s: s.refund_count),
-    ("refunded", lambda s: s.refunded_cents / 100),
-    ("email_sends", lambda s: s.email_sends),
-    ("email_deliveries", lambda s: s.email_deliveries),
-    ("email_opens", lambda s: s.email_opens),
-    ("email_clicks", lambda s: s.email_clicks),
-    ("email_bounces", lambda s: s.email_bounces),
-    ("last_open_at", lambda s: s.last_open_at),
-    ("last_click_at", lambda s: s.last_click_at),
-    ("event_count", lambda s: s.event_count),
-    ("first_seen_at", lambda s: s.first_seen_at),
-    ("last_seen_at", lambda s: s.last_seen_at),
-    ("merged_ids", lambda s: list(s.merged_ids)),
-    ("registers", _registers),
-    ("loyalty_tier", lambda s: s.loyalty_tier[1] if s.loyalty_tier else None),
-    ("loyalty_points", lambda s: s.loyalty_points),
-    ("open_tickets", lambda s: len(s.open_tickets)),
-)
-_SCORE_COLUMNS: tuple[_Column, ...] = (
-    ("scores", _scores),
-    ("lifecycle_stage", lambda s: s.scores.lifecycle.label if s.scores else None),
-    ("frequency_falling", lambda s: bool(s.scores and s.scores.frequency_falling)),
-    ("rfm_recency", lambda s: s.scores.rfm.recency if s.scores and s.scores.rfm else None),
-    ("rfm_frequency", lambda s: s.scores.rfm.frequency if s.scores and s.scores.rfm else None),
-    ("rfm_monetary", lambda s: s.scores.rfm.monetary if s.scores and s.scores.rfm else None),
-    ("rfm_cell", lambda s: s.scores.rfm.cell if s.scores and s.scores.rfm else None),
-    ("churn_risk", lambda s: s.scores.churn.value if s.scores and s.scores.churn else None),
-    ("churn_label", lambda s: s.scores.churn.label if s.scores and s.scores.churn else None),
-    ("next_best_offer", lambda s: s.scores.offer.label if s.scores and s.scores.offer else None),
-)
+def _state_row(s: ProfileState) -> dict[str, Any]:
+    loyalty_tier = s.loyalty_tier
+    return {
+        "profile_id": s.profile_id,
+        "traits": dict(s.traits),
+        "trait_times": dict(s.trait_times),
+        "order_count": s.order_count,
+        "revenue": s.revenue_cents / 100,
+        "first_order_at": s.first_order_at,
+        "last_order_at": s.last_order_at,
+        "categories": dict(s.categories),
+        "refund_count": s.refund_count,
+        "refunded": s.refunded_cents / 100,
+        "email_sends": s.email_sends,
+        "email_deliveries": s.email_deliveries,
+        "email_opens": s.email_opens,
+        "email_clicks": s.email_clicks,
+        "email_bounces": s.email_bounces,
+        "last_open_at": s.last_open_at,
+        "last_click_at": s.last_click_at,
+        "event_count": s.event_count,
+        "first_seen_at": s.first_seen_at,
+        "last_seen_at": s.last_seen_at,
+        "merged_ids": list(s.merged_ids),
+        "registers": {
+            "consents": s.consents, "tickets": s.tickets, "loyalty_tier": loyalty_tier,
+            "loyalty_balance": s.loyalty_balance, "loyalty_earned": s.loyalty_earned,
+        },
+        "loyalty_tier": loyalty_tier[1] if loyalty_tier else None,
+        "loyalty_points": s.loyalty_points,
+        "open_tickets": len(s.open_tickets),
+    }
 
 
-def _rows(columns: Sequence[_Column], states: Sequence[ProfileState]) -> tuple[str, str, dict[str, Any]]:
-    """(column list, SELECT of the rows as profiles records, parameters)."""
-    names = ", ".join(c[0] for c in columns)
-    rows = convert.to_json([{name: value(s) for name, value in columns} for s in states])
-    return names, f"SELECT {names} FROM json_populate_recordset(NULL::profiles, CAST(:rows AS json))", {"rows": rows}
+def _score_row(s: ProfileState) -> dict[str, Any]:
+    scores = s.scores
+    rfm = scores.rfm if scores else None
+    churn = scores.churn if scores else None
+    offer = scores.offer if scores else None
+    return {
+        "scores": _scores(s),
+        "lifecycle_stage": scores.lifecycle.label if scores else None,
+        "frequency_falling": bool(scores and scores.frequency_falling),
+        "rfm_recency": rfm.recency if rfm else None,
+        "rfm_frequency": rfm.frequency if rfm else None,
+        "rfm_monetary": rfm.monetary if rfm else None,
+        "rfm_cell": rfm.cell if rfm else None,
+        "churn_risk": churn.value if churn else None,
+        "churn_label": churn.label if churn else None,
+        "next_best_offer": offer.label if offer else None,
+    }
+
+
+_STATE_COLUMNS = tuple(_state_row(ProfileState("")))[1:]  # profile_id aside
+_SCORE_COLUMNS = tuple(_score_row(ProfileState("")))
 
 
 async def save_many(
@@ -299,21 +294,18 @@ async def save_profiles(
     if not states:
         return
     scored = {s.profile_id for s in states} if scores_of is None else set(scores_of)
-    state_only: tuple[_Column, ...] = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS)
-    columns = (*state_only, *_SCORE_COLUMNS)
-    names = ", ".join(c[0] for c in columns)
-    rows = convert.to_json([
-        {name: value(s) for name, value in (columns if s.profile_id in scored else state_only)} for s in states
-    ])
+    columns = ("profile_id", *_STATE_COLUMNS, *_SCORE_COLUMNS)
+    names = ", ".join(columns)
+    rows = convert.to_json([_state_row(s) | _score_row(s) if s.profile_id in scored else _state_row(s) for s in states])
     # A row without scores keeps the stored ones (JSON null marks it: the column is NOT NULL, and
     # PostgreSQL checks that before it finds the conflict); a new profile always comes scored.
     kept = "EXCLUDED.scores = 'null'::jsonb"
     updates = ", ".join([
-        *(f"{c} = EXCLUDED.{c}" for c, _ in _STATE_COLUMNS),
-        *(f"{c} = CASE WHEN {kept} THEN p.{c} ELSE EXCLUDED.{c} END" for c, _ in _SCORE_COLUMNS),
+        *(f"{c} = EXCLUDED.{c}" for c in _STATE_COLUMNS),
+        *(f"{c} = CASE WHEN {kept} THEN p.{c} ELSE EXCLUDED.{c} END" for c in _SCORE_COLUMNS),
     ])
     not_null = {"scores": "'null'::jsonb", "frequency_falling": "false"}
-    select = ", ".join(f"COALESCE({c}, {not_null[c]})" if c in not_null else c for c, _ in columns)
+    select = ", ".join(f"COALESCE({c}, {not_null[c]})" if c in not_null else c for c in columns)
     await conn.execute(
         text(
             f"INSERT INTO profiles AS p ({names}) SELECT {select} "
@@ -341,16 +333,16 @@ async def copy_profiles(conn: AsyncConnection, states: Sequence[ProfileState]) -
     the caller fills (a rebuild's), where none of them is yet. The transaction must have begun."""
     if not states:
         return
-    columns: tuple[_Column, ...] = (("profile_id", lambda s: s.profile_id), *_STATE_COLUMNS, *_SCORE_COLUMNS)
-    adapted = [_COPIED_AS.get(name) for name, _ in columns]
+    columns = ("profile_id", *_STATE_COLUMNS, *_SCORE_COLUMNS)
+    adapted = [_COPIED_AS.get(name) for name in columns]
     records = []
     for state in states:
-        record = [value(state) for _, value in columns]
+        record = [*_state_row(state).values(), *_score_row(state).values()]
         for i, adapt in enumerate(adapted):
             if adapt is not None:
                 record[i] = adapt(record[i])
         records.append(record)
-    await _copy(conn, "profiles", records, [name for name, _ in columns])
+    await _copy(conn, "profiles", records, columns)
 
 
 async def claim_identifiers(conn: AsyncConnection, owners: Sequence[tuple[tuple[str, str], str]]) -> None:
@@ -374,15 +366,16 @@ async def save_scores(conn: AsyncConnection, states: Sequence[ProfileState]) -> 
     """Writes only the scores: what the scoring job changes."""
     if not states:
         return
-    columns: tuple[_Column, ...] = (("profile_id", lambda s: s.profile_id), *_SCORE_COLUMNS)
-    names, select, params = _rows(columns, states)
-    updates = ", ".join(f"{c[0]} = n.{c[0]}" for c in columns[1:])
+    names = ", ".join(("profile_id", *_SCORE_COLUMNS))
+    updates = ", ".join(f"{c} = n.{c}" for c in _SCORE_COLUMNS)
+    rows = convert.to_json([{"profile_id": s.profile_id, **_score_row(s)} for s in states])
     await conn.execute(
         text(
-            f"UPDATE profiles p SET {updates}, updated_at = now() FROM ({select}) AS n({names}) "
+            f"UPDATE profiles p SET {updates}, updated_at = now() "
+            f"FROM (SELECT {names} FROM json_populate_recordset(NULL::profiles, CAST(:rows AS json))) AS n({names}) "
             "WHERE p.profile_id = n.profile_id"
         ),
-        params,
+        {"rows": rows},
     )
 
 
