@@ -42,3 +42,15 @@ def test_smoke_run_reports_every_row(tmp_path: Path) -> None:
     assert freshness["probes"] > 0 and freshness["probes_failed"] == 0, freshness
     assert not any(freshness["missing"].values()), freshness["missing"]
     assert document["machine"]["cores"] == os.cpu_count()
+
+
+def test_the_scoring_stall_bench_runs_a_whole_round(tmp_path: Path) -> None:
+    out = tmp_path / "scoring.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    result = subprocess.run([sys.executable, "bench/scoring.py", "--profiles", "400", "--runs", "1", "--json", str(out)],
+                            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                            timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    (run,) = document["runs"]
+    assert run["profiles"] == 400 and run["round_s"] > 0 and run["gap_max_ms"] >= run["gap_p50_ms"] > 0

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import text
@@ -28,7 +29,7 @@ log = structlog.get_logger("cdp.profile.scores")
 
 _LOCK = "cdp-profile-scores"
 # Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
-_CHUNK = 500
+_CHUNK = 200
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,9 @@ async def rescore(
             async with engine.begin() as conn:
                 await store.save_models(conn, models)
             cache.put(models)
-            changed: list[str] = []
             async with engine.begin() as conn:
-                async for profile_id, inputs, stored in store.scoring_base(conn):
-                    if scoring.score(inputs, models, now).key() != stored:
-                        changed.append(profile_id)
+                scanned = [row async for row in store.scoring_base(conn)]
+            changed = await asyncio.to_thread(_moved, scanned, models, now)
             for start in range(0, len(changed), _CHUNK):
                 await _rescore_chunk(engine, outbox, topology, changed[start:start + _CHUNK], models, now)
             return Rescored(customers=len(base), rescored=len(changed))
@@ -76,19 +75,39 @@ async def _rescore_chunk(
     # Read again under lock: the consumer may have changed a profile since the scan. A profile the
     # consumer holds right now is left to the next round: waiting for it could deadlock with a
     # batch that locks its profiles in several statements (runs of events, then a merge's).
-    cause = f"scores:{now.isoformat()}"
     async with engine.begin() as conn:
         loaded = await store.load_many(conn, profile_ids, skip_locked=True)
-        states, out = [], []
-        for before in loaded.states.values():
-            state = core.with_scores(before, scoring.score(scoring.inputs_of(before), models, now))
-            if before.scores is not None and state.scores is not None and before.scores.key() == state.scores.key():
-                continue
-            states.append(state)
-            out.append(changed_event(topology, state, core.changed_fields(before, state), cause_id=cause))
+        states, out = await asyncio.to_thread(_rescored, list(loaded.states.values()), models, now, topology)
         await store.save_scores(conn, states)
         await outbox.add(conn, out)
     await outbox.flush()
+
+
+# The scoring itself runs in a worker thread: a round scores every profile, and on the event loop
+# each chunk would hold up the live consumer and the gRPC calls for tens of milliseconds. The
+# thread still shares the interpreter, but yields it every few milliseconds (sys.getswitchinterval).
+
+
+def _moved(
+    scanned: Sequence[tuple[str, scoring.Inputs, tuple[Any, ...] | None]], models: scoring.Models, now: datetime
+) -> list[str]:
+    """The profiles whose stored scores differ from what the models give them now."""
+    return [profile_id for profile_id, inputs, stored in scanned if scoring.score(inputs, models, now).key() != stored]
+
+
+def _rescored(
+    loaded: Sequence[core.ProfileState], models: scoring.Models, now: datetime, topology: eventlog.Topology
+) -> tuple[list[core.ProfileState], list[eventlog.Outgoing]]:
+    """The profiles whose scores moved, rescored, and their profile_changed events."""
+    cause = f"scores:{now.isoformat()}"
+    states, out = [], []
+    for before in loaded:
+        state = core.with_scores(before, scoring.score(scoring.inputs_of(before), models, now))
+        if before.scores is not None and state.scores is not None and before.scores.key() == state.scores.key():
+            continue
+        states.append(state)
+        out.append(changed_event(topology, state, core.changed_fields(before, state), cause_id=cause))
+    return states, out
 
 
 async def run_scoring(

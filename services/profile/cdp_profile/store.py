@@ -96,6 +96,11 @@ MIGRATIONS = (
             params jsonb NOT NULL,
             computed_at timestamptz NOT NULL)""",
     ),
+    (
+        # Every event rewrites its profile's row; with room left on its page, PostgreSQL writes the
+        # new version there without new index entries (a HOT update: no indexed column changes).
+        "ALTER TABLE {schema}.profiles SET (fillfactor = 80)",
+    ),
 )
 
 
@@ -635,7 +640,7 @@ def _stored_key(row: Any) -> tuple[Any, ...] | None:
 
 
 async def scoring_base(
-    conn: AsyncConnection, customers_only: bool = False, chunk: int = 2000
+    conn: AsyncConnection, customers_only: bool = False, chunk: int = 500
 ) -> AsyncIterator[tuple[str, Inputs, tuple[Any, ...] | None]]:
     """Every live profile's score inputs and stored scores, streamed (a server-side cursor)."""
     query = _INPUTS + (" AND order_count > 0" if customers_only else "")
