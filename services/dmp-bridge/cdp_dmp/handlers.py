@@ -16,21 +16,29 @@ AUDIENCES = ConsumerSpec(durable="dmp-audiences", area="segment")
 
 
 async def on_profiles(conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Sequence[eventlog.Outgoing]:
-    """Hashed emails of changed profiles, in log order: between two merges, a hash goes to the
-    profile that carried it last (one statement); a merged-away profile's are forgotten."""
+    """Hashed emails of changed profiles, walked in log order in memory: a hash goes to the profile
+    that carried it last, and a merged-away profile's are forgotten (with its audience rows), those
+    it carried before the merge in this batch too. Then one statement forgets, one sets owners."""
     owners: dict[str, str] = {}
+    dropped: set[str] = set()
+    forgotten: list[str] = []
     for event in events:
         if event.type != "profile_changed":
             continue
         change = event.profile_changed
+        profile_id = change.profile.profile_id
         if change.merged_into:
-            await store.set_owners(conn, owners)
-            owners = {}
-            await store.forget_profile(conn, change.profile.profile_id)
+            carried = [h for h, p in owners.items() if p == profile_id]
+            for h in carried:
+                del owners[h]
+            dropped.update(carried)
+            forgotten.append(profile_id)
             continue
         for identifier in change.profile.identifiers:
             if identifier.type == "email_sha256":
-                owners[identifier.value] = change.profile.profile_id
+                owners[identifier.value] = profile_id
+    # Forgotten first: a hash the batch gave to another profile after (or before) is set again.
+    await store.forget(conn, forgotten, dropped)
     await store.set_owners(conn, owners)
     return []
 

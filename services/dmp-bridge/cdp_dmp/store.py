@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -40,9 +40,15 @@ async def set_owners(conn: AsyncConnection, owners: dict[str, str]) -> None:
         )
 
 
-async def forget_profile(conn: AsyncConnection, profile_id: str) -> None:
-    await conn.execute(text("DELETE FROM dmp.hashed_emails WHERE profile_id = :p"), {"p": profile_id})
-    await conn.execute(text("DELETE FROM dmp.audience_members WHERE profile_id = :p"), {"p": profile_id})
+async def forget(conn: AsyncConnection, profile_ids: Sequence[str], hashes: Collection[str]) -> None:
+    """Merged-away profiles: their hashed emails and audience rows go, and `hashes` (those they held
+    whose rows may still name an earlier owner)."""
+    if profile_ids:
+        await conn.execute(
+            text("DELETE FROM dmp.hashed_emails WHERE profile_id = ANY(:p) OR email_sha256 = ANY(:h)"),
+            {"p": list(profile_ids), "h": list(hashes)},
+        )
+        await conn.execute(text("DELETE FROM dmp.audience_members WHERE profile_id = ANY(:p)"), {"p": list(profile_ids)})
 
 
 async def set_members(conn: AsyncConnection, member: dict[tuple[str, str], bool]) -> None:
