@@ -12,7 +12,9 @@ unscored profiles from a fixed seed (order counts 0-5 over 300 days, so RFM, chu
 have customers to fit), written with `store.save_many`. Then one round runs (`jobs.rescore`, with
 its outbox publishing to JetStream), the worst case: every profile's scores change and are saved
 and published. Beside it, a ticker coroutine sleeps 1 ms at a time and records each gap between
-its wake-ups. A gap is the longest the loop was held by something else, plus the 1 ms sleep.
+its wake-ups. A gap is the longest the loop was held by something else, plus the 1 ms sleep. The
+cyclic garbage collector is set as a service sets it (frozen start-up objects, GC_THRESHOLDS), and
+its collections are counted and timed.
 
 Printed per run and as medians: the round's wall time, the gaps' p50/p99/max, and how many were
 over 20 ms. A fresh database is used for each run. Raw numbers go to JSON (bench/results/).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
 import random
@@ -39,6 +42,7 @@ import nats
 
 from cdp_cli.infra import start_nats, start_postgres
 from cdp_common import db, eventlog
+from cdp_common.service import GC_THRESHOLDS
 from cdp_profile import jobs, store
 from cdp_profile.core import ProfileState
 from cdp_profile.handlers import ModelsCache
@@ -97,9 +101,26 @@ async def one_round(pg_url: str, nats_url: str, count: int) -> dict[str, Any]:
                 gaps.append((now - last) * 1000)
                 last = now
 
+        # The collector as a service runs it (cdp_common.service), its pauses timed.
+        pauses: list[float] = []
+        started: list[float] = []
+
+        def collector(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pauses.append((time.perf_counter() - started.pop()) * 1000)
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        gc.callbacks.append(collector)
         task = asyncio.create_task(ticker())
         began = time.perf_counter()
-        result = await jobs.rescore(engine, outbox, topology, ModelsCache(), DAY + timedelta(days=400))
+        try:
+            result = await jobs.rescore(engine, outbox, topology, ModelsCache(), DAY + timedelta(days=400))
+        finally:
+            gc.callbacks.remove(collector)
         wall = time.perf_counter() - began
         done.set()
         await task
@@ -111,7 +132,8 @@ async def one_round(pg_url: str, nats_url: str, count: int) -> dict[str, Any]:
     gaps.sort()
     return {"profiles": count, "round_s": wall, "gap_p50_ms": gaps[len(gaps) // 2],
             "gap_p99_ms": gaps[int(len(gaps) * 0.99)], "gap_max_ms": gaps[-1],
-            "gaps_over_20ms": sum(1 for g in gaps if g > STALL_MS)}
+            "gaps_over_20ms": sum(1 for g in gaps if g > STALL_MS), "gc_collections": len(pauses),
+            "gc_max_ms": max(pauses, default=0.0)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = runs[-1]
             print(f"run {run + 1}/{args.runs}: round {r['round_s']:.1f} s; loop gaps p50 {r['gap_p50_ms']:.1f} ms, "
                   f"p99 {r['gap_p99_ms']:.1f} ms, max {r['gap_max_ms']:.0f} ms; over {STALL_MS:.0f} ms: "
-                  f"{r['gaps_over_20ms']}", flush=True)
+                  f"{r['gaps_over_20ms']}; garbage collections {r['gc_collections']}, longest "
+                  f"{r['gc_max_ms']:.0f} ms", flush=True)
     finally:
         nats_server.stop()
         postgres.stop()

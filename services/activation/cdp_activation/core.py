@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateSyntaxError, meta
+from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -40,6 +41,13 @@ class _Sandbox(SandboxedEnvironment):
 # Sandboxed: templates come from operators over gRPC and must not reach Python internals.
 # A trait a profile lacks (nested ones too) renders as empty text rather than failing the send.
 _ENV = _Sandbox(undefined=ChainableUndefined, autoescape=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _template(source: str) -> Template:
+    """A template compiled once (from_string compiles on every call: a tenth of activation's CPU
+    in the whole suite, with every send rendering the same two)."""
+    return _ENV.from_string(source)
 
 
 class RenderFailed(Exception):
@@ -117,7 +125,7 @@ def render(campaign: Campaign, profile: Mapping[str, Any]) -> tuple[str, str]:
         ("body_template", campaign.body_template, MAX_BODY_CHARS),
     ):
         try:
-            text = _ENV.from_string(source).render(scope)
+            text = _template(source).render(scope)
         except Exception as error:  # noqa: BLE001 - anything the template raises for this profile
             raise RenderFailed(f"{field}: {type(error).__name__}: {error}"[:500]) from None
         if len(text) > limit:

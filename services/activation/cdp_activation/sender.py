@@ -1,4 +1,4 @@
-"""Delivers queued sends over SMTP, one transaction per message, and records the outcome."""
+"""Delivers queued sends over one kept SMTP connection, a transaction per message, and records the outcome."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class SmtpSettings:
     timeout_seconds: float = 10.0
 
 
-def _deliver(smtp: SmtpSettings, send: store.Send) -> None:
+def _message(send: store.Send) -> EmailMessage:
     message = EmailMessage()
     message["From"] = send.from_address
     message["To"] = send.recipient
@@ -41,15 +41,47 @@ def _deliver(smtp: SmtpSettings, send: store.Send) -> None:
     message["Message-ID"] = f"<{send.send_id}@cdp.activation>"
     message["X-CDP-Campaign"] = send.campaign_id
     message.set_content(send.body)
-    client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_seconds)
-    try:
-        client.send_message(message)
-    finally:
-        # Once the server has accepted the message, a failing QUIT must not count as a failed
-        # delivery (it would be sent again).
-        with contextlib.suppress(smtplib.SMTPException, OSError):
-            client.quit()
-        client.close()
+    return message
+
+
+class SmtpSession:
+    """One SMTP connection kept from message to message: a connection per message costs a connect,
+    EHLO and QUIT on both sides. Before each reuse a NOOP checks it, so a connection the server
+    dropped while idle is replaced before a message goes on it; after any failure it is dropped.
+    Used from one thread at a time (the sender sends one message at a time)."""
+
+    def __init__(self, smtp: SmtpSettings) -> None:
+        self._smtp = smtp
+        self._client: smtplib.SMTP | None = None
+
+    def deliver(self, send: store.Send) -> None:
+        message = _message(send)
+        client = self._open()
+        try:
+            client.send_message(message)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> smtplib.SMTP:
+        if self._client is not None:
+            try:
+                if self._client.noop()[0] == 250:
+                    return self._client
+            except (smtplib.SMTPException, OSError):
+                pass
+            self.close()
+        self._client = smtplib.SMTP(self._smtp.host, self._smtp.port, timeout=self._smtp.timeout_seconds)
+        return self._client
+
+    def close(self, send_quit: bool = True) -> None:
+        """Ends the session (`send_quit=False`: drops the connection without a QUIT round trip)."""
+        client, self._client = self._client, None
+        if client is not None:
+            if send_quit:
+                with contextlib.suppress(smtplib.SMTPException, OSError):
+                    client.quit()
+            client.close()
 
 
 def _permanent(error: Exception) -> bool:
@@ -63,22 +95,26 @@ class Sender:
         self._engine = engine
         self._outbox = outbox
         self._topology = topology
-        self._smtp = smtp
+        self._session = SmtpSession(smtp)
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
-            try:
-                done = await self.send_pending()
-            except Exception as error:  # noqa: BLE001 - the sender must go on
-                log.error("sender_failed", error=repr(error))
-                done = 0
-            if done == 0:
-                self.wake.clear()
+        try:
+            while True:
                 try:
-                    await asyncio.wait_for(self.wake.wait(), 0.25)
-                except TimeoutError:
-                    pass
+                    done = await self.send_pending()
+                except Exception as error:  # noqa: BLE001 - the sender must go on
+                    log.error("sender_failed", error=repr(error))
+                    done = 0
+                if done == 0:
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), 0.25)
+                    except TimeoutError:
+                        pass
+        finally:
+            # Stopping: no QUIT round trip on the event loop (the server may be the one gone).
+            self._session.close(send_quit=False)
 
     async def send_pending(self, limit: int = 50) -> int:
         async with self._engine.connect() as conn:
@@ -109,7 +145,7 @@ class Sender:
     async def _send(self, send: store.Send) -> int:
         with structlog.contextvars.bound_contextvars(send_id=send.send_id, campaign_id=send.campaign_id):
             try:
-                await asyncio.to_thread(_deliver, self._smtp, send)
+                await asyncio.to_thread(self._session.deliver, send)
             except (smtplib.SMTPException, OSError) as error:
                 failed = _permanent(error) or send.attempts >= MAX_ATTEMPTS
                 await self._record(send, "failed" if failed else "pending", repr(error))
