@@ -34,7 +34,9 @@ async def set_owners(conn: AsyncConnection, owners: dict[str, str]) -> None:
             text(
                 "INSERT INTO dmp.hashed_emails (email_sha256, profile_id) "
                 "SELECT * FROM unnest(CAST(:hs AS text[]), CAST(:ps AS text[])) "
-                "ON CONFLICT (email_sha256) DO UPDATE SET profile_id = EXCLUDED.profile_id"
+                # A row that already names the profile is not written again (most changes keep them).
+                "ON CONFLICT (email_sha256) DO UPDATE SET profile_id = EXCLUDED.profile_id "
+                "WHERE dmp.hashed_emails.profile_id <> EXCLUDED.profile_id"
             ),
             {"hs": list(owners), "ps": list(owners.values())},
         )

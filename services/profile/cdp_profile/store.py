@@ -357,7 +357,8 @@ async def claim_identifiers(conn: AsyncConnection, owners: Sequence[tuple[tuple[
             text(
                 "INSERT INTO identifiers (id_type, id_value, profile_id) "
                 "SELECT * FROM unnest(CAST(:t AS text[]), CAST(:v AS text[]), CAST(:p AS text[])) "
-                "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id"
+                "ON CONFLICT (id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id "
+                "WHERE identifiers.profile_id <> EXCLUDED.profile_id"
             ),
             {"t": [k[0] for k, _ in owners], "v": [k[1] for k, _ in owners], "p": [p for _, p in owners]},
         )
