@@ -87,3 +87,54 @@ async def test_the_scoring_job_leaves_a_profile_the_consumer_holds_to_its_next_r
     finally:
         await publisher.close()
         await engine.dispose()
+
+
+async def test_after_a_round_over_no_customers_the_first_ones_are_scored_without_waiting_an_interval(
+    database_url: str, nc: NATS, namespace: str
+) -> None:
+    """A fresh installation: the first round finds no customers; the first order brings the next
+    round at once (not an hour later), and every profile gets its base-level scores then."""
+    engine = db.create_engine(database_url, search_path="profile")
+    topology = eventlog.Topology(namespace)
+    await eventlog.provision_streams(nc.jetstream(), topology)
+    publisher = eventlog.Publisher(nc)
+    cache = ModelsCache()
+    day = datetime(2026, 6, 1, tzinfo=UTC)
+    job = None
+    try:
+        await db.migrate(engine, "profile", store.MIGRATIONS)
+        async with engine.begin() as conn:
+            await store.save_many(conn, [ProfileState("p-visitor", first_seen_at=day)], {})
+        job = asyncio.create_task(jobs.run_scoring(engine, db.Outbox(engine, publisher, "profile"), topology, cache,
+                                                   interval=3600, first_customers_poll=0.1))
+        async with engine.connect() as conn:
+            for _ in range(100):
+                if await store.models_version(conn) is not None:
+                    break
+                await asyncio.sleep(0.1)
+            first = await store.models_version(conn)
+            visitor = (await store.load_many(conn, ["p-visitor"], lock=False)).states["p-visitor"]
+        assert first is not None and visitor.scores is not None and visitor.scores.offer is None
+
+        async with engine.begin() as conn:
+            await store.save_many(conn, [ProfileState("p-buyer", order_count=1, revenue_cents=4000, first_order_at=day,
+                                                      last_order_at=day, first_seen_at=day, categories={"shoes": 1})], {})
+        async with engine.connect() as conn:
+            for _ in range(100):
+                if await store.models_version(conn) != first:
+                    break
+                await asyncio.sleep(0.1)
+            assert await store.models_version(conn) != first
+            for _ in range(100):
+                visitor = (await store.load_many(conn, ["p-visitor"], lock=False)).states["p-visitor"]
+                if visitor.scores is not None and visitor.scores.offer is not None:
+                    break
+                await asyncio.sleep(0.1)
+        assert visitor.scores is not None and visitor.scores.offer is not None
+        assert visitor.scores.offer.label == "shoes"
+    finally:
+        if job is not None:
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+        await publisher.close()
+        await engine.dispose()

@@ -28,6 +28,8 @@ from cdp_profile.messages import changed_event
 log = structlog.get_logger("cdp.profile.scores")
 
 _LOCK = "cdp-profile-scores"
+# After a round over no customers: how often the job asks whether the first ones have come.
+FIRST_CUSTOMERS_POLL_SECONDS = 10.0
 # Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
 _CHUNK = 200
 
@@ -111,11 +113,17 @@ def _rescored(
 
 
 async def run_scoring(
-    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, interval: float
+    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, interval: float,
+    first_customers_poll: float = FIRST_CUSTOMERS_POLL_SECONDS,
 ) -> None:
-    """Rescores now and then every `interval` seconds until cancelled; a failed round is retried."""
+    """Rescores now and then every `interval` seconds until cancelled; a failed round is retried.
+    After a round over no customers (a fresh installation), the next comes as soon as there are
+    some (checked every `first_customers_poll` seconds): the round that gives every profile its
+    first base-level scores (an offer for each prospect, RFM for each customer) then runs while
+    the base is small, instead of on the whole base an interval later."""
     while True:
         began = time.perf_counter()
+        result = None
         try:
             result = await rescore(engine, outbox, topology, cache, eventlog.now())
             if result is not None:
@@ -125,4 +133,20 @@ async def run_scoring(
             raise
         except Exception as error:  # noqa: BLE001 - the next round tries again
             log.warning("scoring_failed", error=repr(error))
-        await asyncio.sleep(interval)
+        if result is not None and result.customers == 0:
+            await _first_customers(engine, interval, first_customers_poll)
+        else:
+            await asyncio.sleep(interval)
+
+
+async def _first_customers(engine: AsyncEngine, interval: float, poll: float) -> None:
+    """Returns once a live profile has an order, or after `interval` seconds."""
+    deadline = time.monotonic() + interval
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(poll, left))
+        try:
+            async with engine.connect() as conn:
+                if await store.has_customers(conn):
+                    return
+        except Exception as error:  # noqa: BLE001 - the database is down: ask again later
+            log.warning("scoring_poll_failed", error=repr(error))

@@ -640,6 +640,13 @@ def _stored_key(row: Any) -> tuple[Any, ...] | None:
     return (rfm, row.churn_label, row.next_best_offer, row.lifecycle_stage, row.frequency_falling)
 
 
+async def has_customers(conn: AsyncConnection) -> bool:
+    """Whether any live profile has an order."""
+    return bool((await conn.execute(
+        text("SELECT EXISTS (SELECT 1 FROM profiles WHERE order_count > 0 AND merged_into IS NULL)")
+    )).scalar())
+
+
 async def scoring_base(
     conn: AsyncConnection, customers_only: bool = False, chunk: int = 500
 ) -> AsyncIterator[tuple[str, Inputs, tuple[Any, ...] | None]]:
