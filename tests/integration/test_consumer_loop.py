@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 import nats.js.errors
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp.v1 import event_pb2
 from cdp_common import db, eventlog
-from cdp_common.consumer import Consumer, ConsumerSpec, LostLock, Overlays, Planned
+from cdp_common.consumer import Consumer, ConsumerSpec, LostLock, Overlays, Planned, StalePlan
 from cdp_cli.settle import subject_count
 
 pytestmark = pytest.mark.timeout(60)
@@ -220,6 +221,56 @@ async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_fa
     assert [r.n for r in rows] == list(range(1, len(expected) + 1))
     assert consumer.dead_lettered == 1 and consumer.batch_failures >= 2
     assert pipeline.plans > 5 and not pipeline.pending()
+
+
+class GoesStale(Numbering):
+    """Numbering whose first planned write of a "moved" event finds what it read changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    async def plan(self, conn: AsyncConnection, events: Sequence[event_pb2.Event]) -> Planned:
+        planned = await super().plan(conn, events)
+        if not any(event.name == "moved" for event in events) or self.refused:
+            return planned
+
+        async def refuse(conn: AsyncConnection) -> None:
+            self.refused += 1
+            raise StalePlan("a row the plan read moved")
+
+        return replace(planned, write=refuse)
+
+
+async def test_a_stale_plan_is_taken_again_the_plain_way_without_counting_a_failure(
+    nc: NATS, engine: AsyncEngine, namespace: str
+) -> None:
+    topology = eventlog.Topology(namespace)
+    await eventlog.provision_streams(nc.jetstream(), topology)
+    names = ["ok"] * 40
+    names[17] = "moved"
+    await publish(nc, topology, names)
+    pipeline = GoesStale()
+
+    async def one_by_one(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
+        planned = await Numbering().plan(conn, [event])
+        await planned.write(conn)
+        return []
+
+    consumer = Consumer(
+        js=nc.jetstream(), engine=engine, outbox=db.Outbox(engine, eventlog.Publisher(nc), SCHEMA), schema=SCHEMA,
+        topology=topology, spec=ConsumerSpec(durable="looptest-stale", area="collected", batch=7, max_attempts=3,
+                                             retry_backoff_seconds=0.01, max_ack_pending=21),
+        handler=one_by_one, pipeline=pipeline,
+    )
+    await drain(consumer, nc)
+
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT event_id, n FROM looptest.numbered ORDER BY n"))).all()
+    assert [r.event_id for r in rows] == [f"ev-{i}" for i in range(40)]
+    assert [r.n for r in rows] == list(range(1, 41))
+    assert pipeline.refused == 1 and consumer.stale_plans == 1
+    assert consumer.batch_failures == 0 and consumer.dead_lettered == 0
 
 
 async def test_streams_keep_duplicates_out_for_a_day(nc: NATS, namespace: str) -> None:

@@ -99,7 +99,8 @@ class Overlays(Generic[Changes]):
 
 
 class StalePlan(Exception):
-    """The checkpoint is not where the batch was planned from."""
+    """What a batch was planned from moved before its write (the checkpoint, or rows the pipeline
+    checks); the batch is taken again from the checkpoint, the plain way."""
 
 
 log = structlog.get_logger("cdp.consumer")
@@ -216,6 +217,7 @@ class Consumer:
         # Read by the metrics at scrape time; only failures add to them.
         self.handler_errors = 0
         self.batch_failures = 0
+        self.stale_plans = 0
         # The counts before the batch in hand: a batch that fails is rolled back and applied again.
         self._counted = (0, 0)
         # Called with each applied batch's duration in seconds (the metrics' histogram).
@@ -398,6 +400,16 @@ class Consumer:
                 # Lost lock: stop, so the process exits and its supervisor restarts it as a standby.
                 # The next holder repositions the consumer at the checkpoint.
                 raise
+            except StalePlan as stale:
+                # Not a failure: what the plan read moved before its write (the profile scoring job
+                # rescored a profile, say). The batch is taken again from the checkpoint, the plain
+                # way, at once.
+                self.stale_plans += 1
+                await self._drop_plans()
+                self.applied, self.dead_lettered = self._counted
+                reposition = True
+                log.info("plan_stale", reason=str(stale), messages=len(msgs))
+                continue
             except Exception as error:  # noqa: BLE001 - the loop must go on
                 failures += 1
                 self.batch_failures += 1
