@@ -187,19 +187,14 @@ class Numbering(Overlays[int]):
         return self.keep(Planned(write, []), top + len(rows))
 
 
-async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_failed_writes(
-    nc: NATS, engine: AsyncEngine, namespace: str
-) -> None:
-    """Batches are planned while the one before is written. A write that fails (twice for
-    "flaky", always for "poison") drops what was planned after it; the log is taken again from
-    the checkpoint, the plain way, which dead-letters the poison; the numbers show that nothing
-    was skipped, applied twice or out of order."""
+async def numbered(
+    nc: NATS, engine: AsyncEngine, namespace: str, names: list[str], pipeline: Numbering
+) -> tuple[Consumer, list[str], list[int]]:
+    """`names` published as events and drained through a pipelined consumer (one by one, the plain
+    way, it numbers each event alone); the consumer, and the numbered event ids and numbers."""
     topology = eventlog.Topology(namespace)
     await eventlog.provision_streams(nc.jetstream(), topology)
-    names = ["ok"] * 60
-    names[20], names[41] = "flaky", "poison"
     await publish(nc, topology, names)
-    pipeline = Numbering()
 
     async def one_by_one(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
         planned = await Numbering().plan(conn, [event])
@@ -213,12 +208,25 @@ async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_fa
         handler=one_by_one, pipeline=pipeline,
     )
     await drain(consumer, nc)
-
     async with engine.connect() as conn:
         rows = (await conn.execute(text("SELECT event_id, n FROM looptest.numbered ORDER BY n"))).all()
+    return consumer, [r.event_id for r in rows], [r.n for r in rows]
+
+
+async def test_a_pipelined_consumer_applies_every_event_once_in_order_through_failed_writes(
+    nc: NATS, engine: AsyncEngine, namespace: str
+) -> None:
+    """Batches are planned while the one before is written. A write that fails (twice for
+    "flaky", always for "poison") drops what was planned after it; the log is taken again from
+    the checkpoint, the plain way, which dead-letters the poison; the numbers show that nothing
+    was skipped, applied twice or out of order."""
+    names = ["ok"] * 60
+    names[20], names[41] = "flaky", "poison"
+    pipeline = Numbering()
+    consumer, ids, numbers = await numbered(nc, engine, namespace, names, pipeline)
     expected = [f"ev-{i}" for i, name in enumerate(names) if name != "poison"]
-    assert [r.event_id for r in rows] == expected
-    assert [r.n for r in rows] == list(range(1, len(expected) + 1))
+    assert ids == expected
+    assert numbers == list(range(1, len(expected) + 1))
     assert consumer.dead_lettered == 1 and consumer.batch_failures >= 2
     assert pipeline.plans > 5 and not pipeline.pending()
 
@@ -245,30 +253,12 @@ class GoesStale(Numbering):
 async def test_a_stale_plan_is_taken_again_the_plain_way_without_counting_a_failure(
     nc: NATS, engine: AsyncEngine, namespace: str
 ) -> None:
-    topology = eventlog.Topology(namespace)
-    await eventlog.provision_streams(nc.jetstream(), topology)
     names = ["ok"] * 40
     names[17] = "moved"
-    await publish(nc, topology, names)
     pipeline = GoesStale()
-
-    async def one_by_one(conn: AsyncConnection, event: event_pb2.Event) -> Sequence[eventlog.Outgoing]:
-        planned = await Numbering().plan(conn, [event])
-        await planned.write(conn)
-        return []
-
-    consumer = Consumer(
-        js=nc.jetstream(), engine=engine, outbox=db.Outbox(engine, eventlog.Publisher(nc), SCHEMA), schema=SCHEMA,
-        topology=topology, spec=ConsumerSpec(durable="looptest-stale", area="collected", batch=7, max_attempts=3,
-                                             retry_backoff_seconds=0.01, max_ack_pending=21),
-        handler=one_by_one, pipeline=pipeline,
-    )
-    await drain(consumer, nc)
-
-    async with engine.connect() as conn:
-        rows = (await conn.execute(text("SELECT event_id, n FROM looptest.numbered ORDER BY n"))).all()
-    assert [r.event_id for r in rows] == [f"ev-{i}" for i in range(40)]
-    assert [r.n for r in rows] == list(range(1, 41))
+    consumer, ids, numbers = await numbered(nc, engine, namespace, names, pipeline)
+    assert ids == [f"ev-{i}" for i in range(40)]
+    assert numbers == list(range(1, 41))
     assert pipeline.refused == 1 and consumer.stale_plans == 1
     assert consumer.batch_failures == 0 and consumer.dead_lettered == 0
 
