@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import structlog
 from sqlalchemy import text
@@ -49,15 +48,16 @@ async def rescore(
             return None
         try:
             async with engine.begin() as conn:
-                base = [inputs async for _, inputs, _ in store.scoring_base(conn, customers_only=True)]
+                base = [inputs async for rows in store.scoring_base(conn, customers_only=True) for _, inputs, _ in rows]
             # Fitting is numpy/scipy work: off the event loop, so the consumer keeps going.
             models = await asyncio.to_thread(scoring.build_models, base, now)
             async with engine.begin() as conn:
                 await store.save_models(conn, models)
             cache.put(models)
+            changed: list[str] = []
             async with engine.begin() as conn:
-                scanned = [row async for row in store.scoring_base(conn)]
-            changed = await asyncio.to_thread(_moved, scanned, models, now)
+                async for scanned in store.scoring_base(conn):
+                    changed += await asyncio.to_thread(_moved, scanned, models, now)
             for start in range(0, len(changed), _CHUNK):
                 await _rescore_chunk(engine, outbox, topology, changed[start:start + _CHUNK], models, now)
             return Rescored(customers=len(base), rescored=len(changed))
@@ -90,9 +90,7 @@ async def _rescore_chunk(
 # thread still shares the interpreter, but yields it every few milliseconds (sys.getswitchinterval).
 
 
-def _moved(
-    scanned: Sequence[tuple[str, scoring.Inputs, tuple[Any, ...] | None]], models: scoring.Models, now: datetime
-) -> list[str]:
+def _moved(scanned: store.Scanned, models: scoring.Models, now: datetime) -> list[str]:
     """The profiles whose stored scores differ from what the models give them now."""
     return [profile_id for profile_id, inputs, stored in scanned if scoring.score(inputs, models, now).key() != stored]
 

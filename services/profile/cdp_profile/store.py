@@ -647,14 +647,16 @@ async def has_customers(conn: AsyncConnection) -> bool:
     )).scalar())
 
 
-async def scoring_base(
-    conn: AsyncConnection, customers_only: bool = False, chunk: int = 500
-) -> AsyncIterator[tuple[str, Inputs, tuple[Any, ...] | None]]:
-    """Every live profile's score inputs and stored scores, streamed (a server-side cursor)."""
+Scanned = list[tuple[str, Inputs, tuple[Any, ...] | None]]
+
+
+async def scoring_base(conn: AsyncConnection, customers_only: bool = False, chunk: int = 500) -> AsyncIterator[Scanned]:
+    """Every live profile's id, score inputs and stored scores, streamed (a server-side cursor) in
+    lists of `chunk`: memory stays bounded whatever the base."""
     query = _INPUTS + (" AND order_count > 0" if customers_only else "")
     result = await conn.stream(text(query), execution_options={"yield_per": chunk})
-    async for row in result:
-        yield row.profile_id, _inputs(row), _stored_key(row)
+    async for rows in result.partitions(chunk):
+        yield [(row.profile_id, _inputs(row), _stored_key(row)) for row in rows]
 
 
 # --- search ------------------------------------------------------------------------------------
