@@ -109,11 +109,6 @@ def set_timestamp(target: Timestamp, moment: datetime | None) -> None:
     if moment is None:
         target.Clear()
         return
-    fields = timestamp_fields(moment)
-    target.seconds, target.nanos = fields["seconds"], fields["nanos"]
-
-
-def timestamp_fields(moment: datetime) -> dict[str, int]:
-    """A Timestamp's fields (naive: taken as UTC), e.g. for a message built from keyword arguments."""
     delta = (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)) - _EPOCH
-    return {"seconds": delta.days * 86400 + delta.seconds, "nanos": delta.microseconds * 1000}
+    target.seconds = delta.days * 86400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
