@@ -360,30 +360,47 @@ def _others_delta(before: dict[tuple[int, str], float], after: dict[tuple[int, s
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class Timed:
-    """Wall time of the measured part, with the client's garbage collector set as the services set
-    theirs (cdp_common.service: pre-built data frozen, GC_THRESHOLDS; with Python's defaults a full
-    collection of the open loop's tasks stopped the client for about 20 ms, and those requests
-    counted as slow), its collections timed; and where CPU went meanwhile: this bench's processes
-    (client, nats-server, ingest) and, summed over /proc, every other process on the machine."""
+class ServiceCollector:
+    """The client's cyclic collector set as the services set theirs (cdp_common.service: what
+    exists on entry frozen, GC_THRESHOLDS) for the block, each collection's pause timed (`pauses`,
+    ms); Python's settings come back on exit. With Python's defaults a full collection of an open
+    loop's tasks stopped the client for about 20 ms, and the requests due meanwhile counted as slow."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
-        self.collections: list[float] = []  # the client's own collections meanwhile, ms each
-        self._collecting = 0.0
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._started: list[float] = []
 
     def _collector(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._collecting = time.perf_counter()
-        else:
-            self.collections.append((time.perf_counter() - self._collecting) * 1000)
+            self._started.append(time.perf_counter())
+        elif self._started:
+            self.pauses.append((time.perf_counter() - self._started.pop()) * 1000)
 
-    def __enter__(self) -> Timed:
+    def __enter__(self) -> ServiceCollector:
         gc.collect()
         gc.freeze()
         self._thresholds = gc.get_threshold()
         gc.set_threshold(*GC_THRESHOLDS)
         gc.callbacks.append(self._collector)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._collector)
+        gc.set_threshold(*self._thresholds)
+        gc.unfreeze()
+
+
+class Timed:
+    """Wall time of the measured part, with the client's collector as in the services
+    (`ServiceCollector`), and where CPU went meanwhile: this bench's processes (client,
+    nats-server, ingest) and, summed over /proc, every other process on the machine."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.collector = ServiceCollector()
+
+    def __enter__(self) -> Timed:
+        self.collector.__enter__()
         self._others = _others(self.pids)
         self._ours = [_cpu_seconds(p) for p in self.pids]
         self._began = time.perf_counter()
@@ -393,9 +410,7 @@ class Timed:
         self.seconds = time.perf_counter() - self._began
         ours = [_cpu_seconds(p) - before for p, before in zip(self.pids, self._ours, strict=True)]
         others = _others_delta(self._others, _others(self.pids))
-        gc.callbacks.remove(self._collector)
-        gc.set_threshold(*self._thresholds)
-        gc.unfreeze()
+        self.collector.__exit__()
         self.cpu = {
             "client_s": ours[0], "nats_server_s": ours[1], "ingest_s": ours[2] if len(ours) > 2 else 0.0,
             "others_s": others,
@@ -647,7 +662,7 @@ async def open_loop(call: Any, requests: Sequence[Any], rate: float, pids: Seque
         "from_send_p50_ms": pct(ms_send, 50), "from_send_p99_ms": pct(ms_send, 99),
         "from_send_max_ms": max(ms_send),
         "send_lag_p99_ms": pct(send_lag, 99) * 1000, "send_lag_max_ms": max(send_lag) * 1000,
-        "client_gc": {"collections": len(timed.collections), "longest_ms": max(timed.collections, default=0.0)},
+        "client_gc": {"collections": len(timed.collector.pauses), "longest_ms": max(timed.collector.pauses, default=0.0)},
         "cpu": timed.cpu, "cpu_us_per_event": timed.per_event(len(ms)),
     }
 

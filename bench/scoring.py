@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib.util
 import json
 import random
@@ -42,7 +41,6 @@ import nats
 
 from cdp_cli.infra import start_nats, start_postgres
 from cdp_common import db, eventlog
-from cdp_common.service import GC_THRESHOLDS
 from cdp_profile import jobs, store
 from cdp_profile.core import ProfileState
 from cdp_profile.handlers import ModelsCache
@@ -54,13 +52,16 @@ STALL_MS = 20.0
 
 
 def _load_ingest_bench() -> Any:
-    """bench/ingest.py, for the machine description."""
+    """bench/ingest.py, for the machine description and the collector as the services set it."""
     spec = importlib.util.spec_from_file_location("bench_ingest", BENCH_DIR / "ingest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_ingest"] = module
     spec.loader.exec_module(module)
     return module
+
+
+ib = _load_ingest_bench()
 
 
 def profiles(count: int) -> list[ProfileState]:
@@ -101,26 +102,10 @@ async def one_round(pg_url: str, nats_url: str, count: int) -> dict[str, Any]:
                 gaps.append((now - last) * 1000)
                 last = now
 
-        # The collector as a service runs it (cdp_common.service), its pauses timed.
-        pauses: list[float] = []
-        started: list[float] = []
-
-        def collector(phase: str, info: dict[str, int]) -> None:
-            if phase == "start":
-                started.append(time.perf_counter())
-            elif started:
-                pauses.append((time.perf_counter() - started.pop()) * 1000)
-
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
-        gc.callbacks.append(collector)
-        task = asyncio.create_task(ticker())
-        began = time.perf_counter()
-        try:
+        with ib.ServiceCollector() as collector:
+            task = asyncio.create_task(ticker())
+            began = time.perf_counter()
             result = await jobs.rescore(engine, outbox, topology, ModelsCache(), DAY + timedelta(days=400))
-        finally:
-            gc.callbacks.remove(collector)
         wall = time.perf_counter() - began
         done.set()
         await task
@@ -132,8 +117,8 @@ async def one_round(pg_url: str, nats_url: str, count: int) -> dict[str, Any]:
     gaps.sort()
     return {"profiles": count, "round_s": wall, "gap_p50_ms": gaps[len(gaps) // 2],
             "gap_p99_ms": gaps[int(len(gaps) * 0.99)], "gap_max_ms": gaps[-1],
-            "gaps_over_20ms": sum(1 for g in gaps if g > STALL_MS), "gc_collections": len(pauses),
-            "gc_max_ms": max(pauses, default=0.0)}
+            "gaps_over_20ms": sum(1 for g in gaps if g > STALL_MS), "gc_collections": len(collector.pauses),
+            "gc_max_ms": max(collector.pauses, default=0.0)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    info = _load_ingest_bench().machine()
+    info = ib.machine()
     tmp = Path(tempfile.mkdtemp(prefix="cdp-bench-scoring-"))
     nats_server = start_nats(tmp / "nats")
     postgres = start_postgres(tmp / "pg", keep=False)
