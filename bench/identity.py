@@ -406,6 +406,11 @@ class Usage:
         others = ib._others_delta(others_before, {k: v for k, v in others_after.items() if k[0] not in ours})
         cpu = {name: sum(total - self._before[name].get(pid, 0.0) for pid, total in after[name].items())
                for name in self.groups}
+        for name in self.reaper:
+            # A child that ended within the window is in its parent's reaped total with all the CPU
+            # it ever used: what it had used before the window is taken off again (a rebuild
+            # renews the service's pool, whose backends had done the whole live projection).
+            cpu[name] -= sum(used for pid, used in self._before[name].items() if pid > 0 and pid not in after[name])
         spent = sum(cpu.values())
         return {
             "seconds": seconds, "cpu_s": cpu, "others_s": others,
