@@ -70,7 +70,7 @@ from cdp.v1 import event_pb2
 from cdp_cli.infra import NatsServer, free_port, nats_server_binary, start_nats
 from cdp_cli.suite import healthy
 from cdp_common import eventlog
-from cdp_common.service import GC_THRESHOLDS
+from cdp_common.service import GC_THRESHOLDS, collect_on_a_clock
 from cdp_ingest import core
 from cdp_ingest.ingestor import build_event
 
@@ -362,13 +362,15 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 class ServiceCollector:
     """The client's cyclic collector set as the services set theirs (cdp_common.service: what
-    exists on entry frozen, GC_THRESHOLDS) for the block, each collection's pause timed (`pauses`,
-    ms); Python's settings come back on exit. With Python's defaults a full collection of an open
-    loop's tasks stopped the client for about 20 ms, and the requests due meanwhile counted as slow."""
+    exists on entry frozen, GC_THRESHOLDS, and within an event loop the collector's clock) for the
+    block, each collection's pause timed (`pauses`, ms); Python's settings come back on exit. With
+    Python's defaults a full collection of an open loop's tasks stopped the client for about 20 ms,
+    and the requests due meanwhile counted as slow."""
 
     def __init__(self) -> None:
         self.pauses: list[float] = []
         self._started: list[float] = []
+        self._clock: asyncio.Task[None] | None = None
 
     def _collector(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -382,9 +384,13 @@ class ServiceCollector:
         self._thresholds = gc.get_threshold()
         gc.set_threshold(*GC_THRESHOLDS)
         gc.callbacks.append(self._collector)
+        with contextlib.suppress(RuntimeError):  # outside an event loop: the thresholds only
+            self._clock = asyncio.get_running_loop().create_task(collect_on_a_clock())
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
         gc.callbacks.remove(self._collector)
         gc.set_threshold(*self._thresholds)
         gc.unfreeze()
