@@ -441,6 +441,7 @@ class Service(idb.Service):  # type: ignore[misc,name-defined]
     """`python -m cdp_profile` in its own process, configured the way `cdp up` does it."""
 
     profile_on_signal = False
+    scores_interval = SCORES_INTERVAL  # --scoring-every
 
     @property
     def log_file(self) -> Path:
@@ -456,7 +457,7 @@ class Service(idb.Service):  # type: ignore[misc,name-defined]
             "CDP_GRPC_LISTEN": self.grpc_address,
             "CDP_NAMESPACE": self.namespace,
             "CDP_WORKERS": "1",
-            "CDP_PROFILE_SCORES_INTERVAL_SECONDS": SCORES_INTERVAL,
+            "CDP_PROFILE_SCORES_INTERVAL_SECONDS": self.scores_interval,
         }
         command = [sys.executable, "-m", "cdp_profile"]
         if self.profile_out:
@@ -991,7 +992,9 @@ def render(info: dict[str, Any], pg: dict[str, Any], args: argparse.Namespace, w
                   f"; GetProfile on {preload['profiles']:,} preloaded profiles ({preload['database_bytes'] / 2**20:.0f} "
                   f"MiB, loaded in {preload['total_s']:.0f} s) at {args.rate:g}/s for {args.duration:g} s, and at "
                   f"{args.rate / LIGHT:g}/s for {args.duration / 2:g} s; health check at {args.rate:g}/s for "
-                  f"{args.duration / 2:g} s") + f"; {args.runs} runs, medians")
+                  f"{args.duration / 2:g} s") + f"; {args.runs} runs, medians"
+                  + ("" if args.scoring_every is None else
+                     f"; [bold]the scoring job every {args.scoring_every:g} s[/] (--scoring-every)"))
     table = Table()
     for column in ("measurement", "median", "runs", "vs ceiling", "goal", "other load", "busy p / pg",
                    "CPU us/event c/n/p/pg"):
@@ -1252,12 +1255,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only the GetProfile latency part (preload, then health check and GetProfile each run)")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the GetProfile latency part (no preload): ceiling, live projection and rebuild only")
+    parser.add_argument("--scoring-every", type=float, metavar="SECONDS",
+                        help="run the scoring job every SECONDS during the measurements, not only at start "
+                        "(what its rounds cost the calls and the projection)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (nats store, PostgreSQL data, logs)")
     parser.add_argument("--latency-client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.latency_client:
         asyncio.run(latency_client(json.loads(args.latency_client)))
         return 0
+    if args.scoring_every is not None:
+        if args.scoring_every <= 0:
+            parser.error(f"--scoring-every must be a number of seconds above 0, got {args.scoring_every}")
+        Service.scores_interval = str(args.scoring_every)
     if args.events < FETCH_BATCH or args.runs < 1 or args.profiles < 100 or args.rate <= 0 or args.duration <= 0:
         parser.error(f"--events must be at least {FETCH_BATCH}, --runs at least 1, --profiles at least 100")
 

@@ -108,12 +108,13 @@ async def test_after_a_round_over_no_customers_the_first_ones_are_scored_without
         job = asyncio.create_task(jobs.run_scoring(engine, db.Outbox(engine, publisher, "profile"), topology, cache,
                                                    interval=3600, first_customers_poll=0.1))
         async with engine.connect() as conn:
+            # The round stores the models, then finds and rescores the profiles they move.
             for _ in range(100):
-                if await store.models_version(conn) is not None:
+                visitor = (await store.load_many(conn, ["p-visitor"], lock=False)).states["p-visitor"]
+                if visitor.scores is not None:
                     break
                 await asyncio.sleep(0.1)
             first = await store.models_version(conn)
-            visitor = (await store.load_many(conn, ["p-visitor"], lock=False)).states["p-visitor"]
         assert first is not None and visitor.scores is not None and visitor.scores.offer is None
 
         async with engine.begin() as conn:

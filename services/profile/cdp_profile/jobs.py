@@ -5,22 +5,32 @@ models (RFM boundaries, BG/NBD parameters, the co-purchase table), stores them i
 `profile.models`, then rescores every live profile and saves and publishes (through the outbox,
 in the same transaction) those whose RFM scores, churn label, offer, lifecycle stage or
 purchase-frequency flag changed. One replica at a time runs it (an advisory lock).
+
+The two passes over the whole base (the fit, and the search for profiles whose scores moved) run
+in a child process started for the round (survey.py): they take seconds per 100,000 profiles, and
+in the service's process they would take the interpreter from the live consumer and the gRPC calls
+for that long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog
-from cdp_profile import core, scoring, store
+from cdp_profile import core, scoring, store, survey
 from cdp_profile.handlers import ModelsCache
 from cdp_profile.messages import changed_event
 
@@ -31,6 +41,8 @@ _LOCK = "cdp-profile-scores"
 FIRST_CUSTOMERS_POLL_SECONDS = 10.0
 # Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
 _CHUNK = 200
+# How long the round's child process may take to close its connection and exit.
+_SURVEY_EXIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,27 +52,25 @@ class Rescored:
 
 
 async def rescore(
-    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, now: datetime
+    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, now: datetime,
+    schema: str = "profile",
 ) -> Rescored | None:
-    """One round; None when another replica holds the job."""
+    """One round; None when another replica holds the job. `schema`: the engine's search path."""
     async with engine.connect() as lock:
         if not (await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": _LOCK})).scalar():
             return None
         try:
-            async with engine.begin() as conn:
-                base = [inputs async for rows in store.scoring_base(conn, customers_only=True) for _, inputs, _ in rows]
-            # Fitting is numpy/scipy work: off the event loop, so the consumer keeps going.
-            models = await asyncio.to_thread(scoring.build_models, base, now)
-            async with engine.begin() as conn:
-                await store.save_models(conn, models)
-            cache.put(models)
-            changed: list[str] = []
-            async with engine.begin() as conn:
-                async for scanned in store.scoring_base(conn):
-                    changed += await asyncio.to_thread(_moved, scanned, models, now)
+            async with Survey.started(engine.url.render_as_string(hide_password=False), schema) as surveyed:
+                models, customers = await surveyed.fit(now)
+                async with engine.begin() as conn:
+                    await store.save_models(conn, models)
+                # The consumer scores with the new models from here on; the second pass finds the
+                # profiles it has not touched since.
+                cache.put(models)
+                changed = await surveyed.moved(models, now)
             for start in range(0, len(changed), _CHUNK):
                 await _rescore_chunk(engine, outbox, topology, changed[start:start + _CHUNK], models, now)
-            return Rescored(customers=len(base), rescored=len(changed))
+            return Rescored(customers=customers, rescored=len(changed))
         finally:
             try:
                 await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": _LOCK})
@@ -85,14 +95,9 @@ async def _rescore_chunk(
     await outbox.flush()
 
 
-# The scoring itself runs in a worker thread: a round scores every profile, and on the event loop
-# each chunk would hold up the live consumer and the gRPC calls for tens of milliseconds. The
-# thread still shares the interpreter, but yields it every few milliseconds (sys.getswitchinterval).
-
-
-def _moved(scanned: store.Scanned, models: scoring.Models, now: datetime) -> list[str]:
-    """The profiles whose stored scores differ from what the models give them now."""
-    return [profile_id for profile_id, inputs, stored in scanned if scoring.score(inputs, models, now).key() != stored]
+# The rescoring of the profiles that moved runs in a worker thread: on the event loop each chunk
+# would hold up the live consumer and the gRPC calls for tens of milliseconds. The thread shares the
+# interpreter, but yields it every few milliseconds (sys.getswitchinterval).
 
 
 def _rescored(
@@ -110,9 +115,70 @@ def _rescored(
     return states, out
 
 
+class PassFailed(Exception):
+    """A pass over the base failed in the round's child process (the message names the error)."""
+
+
+class Survey:
+    """The round's child process (`python -m cdp_profile.survey`): both passes over the whole
+    base run there. Started for one round; killed if the round is cancelled (the service stops)."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    @classmethod
+    @asynccontextmanager
+    async def started(cls, database_url: str, schema: str) -> AsyncIterator[Survey]:
+        # The URL goes by the environment: a command line is visible to every user of the host.
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cdp_profile.survey", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "CDP_DATABASE_URL": database_url,
+                                                 "CDP_PROFILE_SCHEMA": schema},
+        )
+        try:
+            yield cls(process)
+        except BaseException:
+            if process.returncode is None:
+                process.kill()
+            raise
+        finally:
+            assert process.stdin is not None
+            process.stdin.close()  # the end of its requests: it closes its connection and exits
+            try:
+                await asyncio.wait_for(process.wait(), _SURVEY_EXIT_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    async def fit(self, now: datetime) -> tuple[scoring.Models, int]:
+        """The models over every customer, and how many customers there were."""
+        rows, customers = await self._ask(("fit", now))
+        return scoring.Models.from_rows(rows, now), customers
+
+    async def moved(self, models: scoring.Models, now: datetime) -> list[str]:
+        """The profiles whose stored scores differ from what `models` give them now."""
+        changed: list[str] = await self._ask(("moved", models.to_rows(), now))
+        return changed
+
+    async def _ask(self, request: tuple[Any, ...]) -> Any:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        try:
+            self._process.stdin.write(survey.frame(request))
+            await self._process.stdin.drain()
+            (size,) = survey.HEADER.unpack(await self._process.stdout.readexactly(survey.HEADER.size))
+            kind, value = pickle.loads(await self._process.stdout.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self._process.wait()
+            raise PassFailed(f"the scoring job's process (cdp_profile.survey) exited with code {code} "
+                             f"during the {request[0]!r} pass") from None
+        if kind == "error":
+            raise PassFailed(f"the {request[0]!r} pass failed: {value}")
+        return value
+
+
 async def run_scoring(
     engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, cache: ModelsCache, interval: float,
-    first_customers_poll: float = FIRST_CUSTOMERS_POLL_SECONDS,
+    first_customers_poll: float = FIRST_CUSTOMERS_POLL_SECONDS, schema: str = "profile",
 ) -> None:
     """Rescores now and then every `interval` seconds until cancelled; a failed round is retried.
     After a round over no customers (a fresh installation), the next comes as soon as there are
@@ -123,7 +189,7 @@ async def run_scoring(
         began = time.perf_counter()
         result = None
         try:
-            result = await rescore(engine, outbox, topology, cache, eventlog.now())
+            result = await rescore(engine, outbox, topology, cache, eventlog.now(), schema)
             if result is not None:
                 log.info("rescored", customers=result.customers, profiles=result.rescored,
                          seconds=round(time.perf_counter() - began, 3))

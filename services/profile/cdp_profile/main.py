@@ -35,13 +35,15 @@ async def build(server: grpc.aio.Server, runtime: Runtime) -> Sequence[str]:
     cache = handlers.ModelsCache()
     one_by_one, whole_batch, pipeline = handlers.make_handlers(runtime.topology, cache)
     live = runtime.consumer(handlers.SPEC, one_by_one, whole_batch, pipeline)
-    reader = Reader(runtime.settings.database_url, runtime.schema or "profile")
+    schema = runtime.schema or "profile"
+    reader = Reader(runtime.settings.database_url, schema)
     await reader.start()
     runtime.on_stop.append(reader.close)
     servicer = ProfileServicer(runtime.engine, reader, Rebuilder(runtime, live, swapped=reader.reset))
     profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
     runtime.background.append(asyncio.create_task(
-        jobs.run_scoring(runtime.engine, runtime.outbox, runtime.topology, cache, interval), name="profile-scores"
+        jobs.run_scoring(runtime.engine, runtime.outbox, runtime.topology, cache, interval, schema=schema),
+        name="profile-scores",
     ))
     return [profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name]
 

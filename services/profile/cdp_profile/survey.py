@@ -1,0 +1,99 @@
+"""The scoring job's passes over the whole base, in a process of their own.
+
+`python -m cdp_profile.survey` is started by the scoring job (jobs.py) once per round. It reads
+requests from stdin and writes answers to stdout, each a frame (an 8-byte length, then a pickle),
+and exits at the end of stdin:
+
+- `("fit", now)`: every customer's score inputs, and the models fitted to them, answered as
+  `("ok", (model rows, customers))`;
+- `("moved", model rows, now)`: the ids of the profiles whose stored scores differ from what those
+  models give them, answered as `("ok", [profile ids])`.
+
+A request that fails is answered `("error", text)`. The models cross as their stored rows.
+
+Why a process: a pass takes seconds per 100,000 profiles; in the service's process it would take
+the interpreter from the live consumer and the gRPC calls for that long. Here it runs on the other
+core, at a lower CPU priority, and imports only what the passes need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from typing import IO, Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_common import db
+from cdp_profile import scoring, store
+
+HEADER = struct.Struct("!Q")
+
+
+def frame(message: Any) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(body)) + body
+
+
+def _read(stream: IO[bytes]) -> Any | None:
+    """The next request, None at the end of the stream."""
+    header = stream.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(header)
+    return pickle.loads(stream.read(size))
+
+
+async def fit(engine: AsyncEngine, now: datetime) -> tuple[Mapping[str, Any], int]:
+    async with engine.begin() as conn:
+        base = [inputs async for rows in store.scoring_base(conn, customers_only=True) for _, inputs, _ in rows]
+    return scoring.build_models(base, now).to_rows(), len(base)
+
+
+async def moved(engine: AsyncEngine, rows: Mapping[str, Any], now: datetime) -> list[str]:
+    models = scoring.Models.from_rows(rows, now)
+    changed: list[str] = []
+    async with engine.begin() as conn:
+        async for scanned in store.scoring_base(conn):
+            changed += [profile_id for profile_id, inputs, stored in scanned
+                        if scoring.score(inputs, models, now).key() != stored]
+    return changed
+
+
+async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO[bytes]) -> None:
+    engine = db.create_engine(database_url, pool_size=1, search_path=schema)
+    try:
+        while (request := _read(requests)) is not None:
+            try:
+                match request:
+                    case ("fit", now):
+                        answer: tuple[str, Any] = ("ok", await fit(engine, now))
+                    case ("moved", rows, now):
+                        answer = ("ok", await moved(engine, rows, now))
+                    case _:
+                        answer = ("error", f"unknown request {request!r:.80}")
+            except Exception as error:  # noqa: BLE001 - answered as text, which always pickles
+                answer = ("error", f"{type(error).__name__}: {error}")
+            answers.write(frame(answer))
+            answers.flush()
+    finally:
+        await engine.dispose()
+
+
+def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group; the service decides when this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Background work: the scheduler serves the service (and PostgreSQL) first.
+    os.nice(10)
+    asyncio.run(serve(os.environ["CDP_DATABASE_URL"], os.environ["CDP_PROFILE_SCHEMA"], sys.stdin.buffer,
+                      sys.stdout.buffer))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The scoring job's passes over the whole base run in a child process (cdp_profile.survey), against
+PostgreSQL: a round is the same there, a failed pass says why, and a stopped round leaves no
+process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_common import db, eventlog
+from cdp_profile import jobs, scoring, store
+from cdp_profile.core import ProfileState
+from cdp_profile.handlers import ModelsCache
+
+DAY = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def customer(name: str, orders: int, spent_cents: int, last_order_days: int) -> ProfileState:
+    return ProfileState(f"p-{name}", order_count=orders, revenue_cents=spent_cents, first_order_at=DAY,
+                        last_order_at=DAY + timedelta(days=last_order_days), first_seen_at=DAY,
+                        categories={"shoes": orders})
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = db.create_engine(database_url, search_path="profile")
+    await db.migrate(engine, "profile", store.MIGRATIONS)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def outbox(engine: AsyncEngine, nc: NATS, namespace: str) -> AsyncIterator[tuple[db.Outbox, eventlog.Topology]]:
+    topology = eventlog.Topology(namespace)
+    await eventlog.provision_streams(nc.jetstream(), topology)
+    publisher = eventlog.Publisher(nc)
+    try:
+        yield db.Outbox(engine, publisher, "profile"), topology
+    finally:
+        await publisher.close()
+
+
+@pytest.fixture
+async def one_customer(engine: AsyncEngine) -> datetime:
+    """One customer stored unscored; the time to score at."""
+    async with engine.begin() as conn:
+        await store.save_many(conn, [customer("ada", 2, 5_000, 20)], {})
+    return DAY + timedelta(days=60)
+
+
+def survey_children() -> list[int]:
+    """This process's children running cdp_profile.survey (zombies included: not yet reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == os.getpid() and b"cdp_profile.survey" in command:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_a_round_in_the_child_scores_like_the_models_fitted_here(
+    engine: AsyncEngine, outbox: tuple[db.Outbox, eventlog.Topology]
+) -> None:
+    customers = [customer("ada", 6, 60_000, 150), customer("bob", 1, 2_000, 0), customer("cyd", 3, 9_000, 90)]
+    visitor = ProfileState("p-eve", first_seen_at=DAY)
+    async with engine.begin() as conn:
+        await store.save_many(conn, [*customers, visitor], {})
+    now = DAY + timedelta(days=160)
+    cache = ModelsCache()
+
+    done = await jobs.rescore(engine, *outbox, cache, now)
+
+    assert done == jobs.Rescored(customers=3, rescored=4)
+    expected = scoring.build_models([scoring.inputs_of(c) for c in customers], now)
+    async with engine.connect() as conn:
+        assert await store.models(conn) == expected
+        stored = (await store.load_many(conn, ["p-ada", "p-bob", "p-cyd", "p-eve"], lock=False)).states
+    for state in [*customers, visitor]:
+        assert stored[state.profile_id].scores == scoring.score(scoring.inputs_of(state), expected, now)
+    assert survey_children() == []
+
+
+async def test_a_failed_pass_names_the_error_and_the_next_round_works(
+    engine: AsyncEngine, outbox: tuple[db.Outbox, eventlog.Topology], one_customer: datetime
+) -> None:
+    now = one_customer
+
+    # A schema without the profile tables: the child's first query fails.
+    with pytest.raises(jobs.PassFailed, match=r"'fit' pass failed: .*relation \"profiles\" does not exist"):
+        await jobs.rescore(engine, *outbox, ModelsCache(), now, schema="public")
+
+    again = await jobs.rescore(engine, *outbox, ModelsCache(), now)  # the advisory lock was released
+    assert again == jobs.Rescored(customers=1, rescored=1)
+    assert survey_children() == []
+
+
+async def test_a_round_stopped_midway_kills_its_child_and_releases_the_job(
+    engine: AsyncEngine, outbox: tuple[db.Outbox, eventlog.Topology], one_customer: datetime
+) -> None:
+    now = one_customer
+    round_ = asyncio.create_task(jobs.rescore(engine, *outbox, ModelsCache(), now))
+    for _ in range(200):
+        if survey_children():
+            break
+        await asyncio.sleep(0.01)
+    assert survey_children(), "the round started no child process"
+
+    round_.cancel()  # what the service does on SIGTERM
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+
+    assert survey_children() == []
+    async with engine.connect() as conn:
+        assert await store.models_version(conn) is None  # it stopped before storing anything
+    assert await jobs.rescore(engine, *outbox, ModelsCache(), now) == jobs.Rescored(customers=1, rescored=1)
