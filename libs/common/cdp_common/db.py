@@ -115,20 +115,7 @@ class Outbox:
         self._backlog = False
 
     async def add(self, conn: AsyncConnection, outgoing: Sequence[eventlog.Outgoing]) -> Added:
-        if not outgoing:
-            return Added([], [])
-        messages = [(o.subject, eventlog.encode(o.event), o.headers()) for o in outgoing]
-        # Headers are not stored: they follow from the event (`eventlog.Outgoing.headers`), and
-        # `flush` derives them again from the payload; '{}' marks such a row.
-        rows = await conn.execute(
-            text(
-                f"INSERT INTO {self._schema}.outbox (subject, msg_id, headers, payload) "
-                "SELECT s, m, '{}', p FROM unnest(CAST(:s AS text[]), CAST(:m AS text[]), CAST(:p AS bytea[])) "
-                "AS o(s, m, p) RETURNING id"
-            ),
-            {"s": [m[0] for m in messages], "m": [o.event.id for o in outgoing], "p": [m[1] for m in messages]},
-        )
-        return Added(list(rows.scalars()), messages)
+        return await add_to_outbox(conn, self._schema, outgoing)
 
     async def publish(self, added: Sequence[Added]) -> list[int]:
         """Publishes facts just committed, from memory; returns the rows to delete.
@@ -176,6 +163,25 @@ class Outbox:
                 async with self._engine.begin() as conn:
                     await self.delete(conn, [r.id for r in rows])
                 published += len(rows)
+
+
+async def add_to_outbox(conn: AsyncConnection, schema: str, outgoing: Sequence[eventlog.Outgoing]) -> Added:
+    """Writes facts into `schema`'s outbox in `conn`'s transaction; any process may (a flush of
+    that schema's `Outbox` publishes them)."""
+    if not outgoing:
+        return Added([], [])
+    messages = [(o.subject, eventlog.encode(o.event), o.headers()) for o in outgoing]
+    # Headers are not stored: they follow from the event (`eventlog.Outgoing.headers`), and
+    # `flush` derives them again from the payload; '{}' marks such a row.
+    rows = await conn.execute(
+        text(
+            f"INSERT INTO {schema}.outbox (subject, msg_id, headers, payload) "
+            "SELECT s, m, '{}', p FROM unnest(CAST(:s AS text[]), CAST(:m AS text[]), CAST(:p AS bytea[])) "
+            "AS o(s, m, p) RETURNING id"
+        ),
+        {"s": [m[0] for m in messages], "m": [o.event.id for o in outgoing], "p": [m[1] for m in messages]},
+    )
+    return Added(list(rows.scalars()), messages)
 
 
 def _message(subject: str, payload: bytes, headers: dict[str, str]) -> tuple[str, bytes, dict[str, str]]:

@@ -6,10 +6,11 @@ models (RFM boundaries, BG/NBD parameters, the co-purchase table), stores them i
 in the same transaction) those whose RFM scores, churn label, offer, lifecycle stage or
 purchase-frequency flag changed. One replica at a time runs it (an advisory lock).
 
-The two passes over the whole base (the fit, and the search for profiles whose scores moved) run
-in a child process started for the round (survey.py): they take seconds per 100,000 profiles, and
-in the service's process they would take the interpreter from the live consumer and the gRPC calls
-for that long.
+The round's work runs in a child process started for it (survey.py): the fit, the pass that finds
+the profiles whose scores moved, and their rescoring. It takes seconds per 100,000 profiles, and
+in the service's process it would take the interpreter from the live consumer and the gRPC calls
+for that long. The service stores the models, and publishes the profile_changed events the child
+left in the outbox.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,17 +31,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog
-from cdp_profile import core, scoring, store, survey
+from cdp_profile import scoring, store, survey
 from cdp_profile.handlers import ModelsCache
-from cdp_profile.messages import changed_event
 
 log = structlog.get_logger("cdp.profile.scores")
 
 _LOCK = "cdp-profile-scores"
 # After a round over no customers: how often the job asks whether the first ones have come.
 FIRST_CUSTOMERS_POLL_SECONDS = 10.0
-# Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
-_CHUNK = 200
 # How long the round's child process may take to close its connection and exit.
 _SURVEY_EXIT_SECONDS = 10.0
 
@@ -60,17 +58,20 @@ async def rescore(
         if not (await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": _LOCK})).scalar():
             return None
         try:
-            async with Survey.started(engine.url.render_as_string(hide_password=False), schema) as surveyed:
-                models, customers = await surveyed.fit(now)
-                async with engine.begin() as conn:
-                    await store.save_models(conn, models)
-                # The consumer scores with the new models from here on; the second pass finds the
-                # profiles it has not touched since.
-                cache.put(models)
-                changed = await surveyed.moved(models, now)
-            for start in range(0, len(changed), _CHUNK):
-                await _rescore_chunk(engine, outbox, topology, changed[start:start + _CHUNK], models, now)
-            return Rescored(customers=customers, rescored=len(changed))
+            try:
+                async with Survey.started(engine.url.render_as_string(hide_password=False), schema) as surveyed:
+                    models, customers = await surveyed.fit(now)
+                    async with engine.begin() as conn:
+                        await store.save_models(conn, models)
+                    # The consumer scores with the new models from here on; the second pass finds
+                    # the profiles it has not touched since.
+                    cache.put(models)
+                    moved = await surveyed.rescore(models, now, topology)
+            except PassFailed:
+                await outbox.flush()  # the chunks the child committed before it failed
+                raise
+            await outbox.flush()
+            return Rescored(customers=customers, rescored=moved)
         finally:
             try:
                 await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": _LOCK})
@@ -80,48 +81,13 @@ async def rescore(
                 raise
 
 
-async def _rescore_chunk(
-    engine: AsyncEngine, outbox: db.Outbox, topology: eventlog.Topology, profile_ids: Sequence[str],
-    models: scoring.Models, now: datetime,
-) -> None:
-    # Read again under lock: the consumer may have changed a profile since the scan. A profile the
-    # consumer holds right now is left to the next round: waiting for it could deadlock with a
-    # batch that locks its profiles in several statements (runs of events, then a merge's).
-    async with engine.begin() as conn:
-        loaded = await store.load_many(conn, profile_ids, skip_locked=True)
-        states, out = await asyncio.to_thread(_rescored, list(loaded.states.values()), models, now, topology)
-        await store.save_scores(conn, states)
-        await outbox.add(conn, out)
-    await outbox.flush()
-
-
-# The rescoring of the profiles that moved runs in a worker thread: on the event loop each chunk
-# would hold up the live consumer and the gRPC calls for tens of milliseconds. The thread shares the
-# interpreter, but yields it every few milliseconds (sys.getswitchinterval).
-
-
-def _rescored(
-    loaded: Sequence[core.ProfileState], models: scoring.Models, now: datetime, topology: eventlog.Topology
-) -> tuple[list[core.ProfileState], list[eventlog.Outgoing]]:
-    """The profiles whose scores moved, rescored, and their profile_changed events."""
-    cause = f"scores:{now.isoformat()}"
-    states, out = [], []
-    for before in loaded:
-        state = core.with_scores(before, scoring.score(scoring.inputs_of(before), models, now))
-        if before.scores is not None and state.scores is not None and before.scores.key() == state.scores.key():
-            continue
-        states.append(state)
-        out.append(changed_event(topology, state, core.changed_fields(before, state), cause_id=cause))
-    return states, out
-
-
 class PassFailed(Exception):
     """A pass over the base failed in the round's child process (the message names the error)."""
 
 
 class Survey:
-    """The round's child process (`python -m cdp_profile.survey`): both passes over the whole
-    base run there. Started for one round; killed if the round is cancelled (the service stops)."""
+    """The round's child process (`python -m cdp_profile.survey`). Started for one round; killed if
+    the round is cancelled (the service stops)."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
@@ -155,10 +121,11 @@ class Survey:
         rows, customers = await self._ask(("fit", now))
         return scoring.Models.from_rows(rows, now), customers
 
-    async def moved(self, models: scoring.Models, now: datetime) -> list[str]:
-        """The profiles whose stored scores differ from what `models` give them now."""
-        changed: list[str] = await self._ask(("moved", models.to_rows(), now))
-        return changed
+    async def rescore(self, models: scoring.Models, now: datetime, topology: eventlog.Topology) -> int:
+        """Rescores the profiles whose stored scores differ from what `models` give them now, and
+        leaves their profile_changed events in the outbox; returns how many it found."""
+        found: int = await self._ask(("rescore", models.to_rows(), now, topology))
+        return found
 
     async def _ask(self, request: tuple[Any, ...]) -> Any:
         assert self._process.stdin is not None and self._process.stdout is not None

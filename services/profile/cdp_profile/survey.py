@@ -6,8 +6,10 @@ and exits at the end of stdin:
 
 - `("fit", now)`: every customer's score inputs, and the models fitted to them, answered as
   `("ok", (model rows, customers))`;
-- `("moved", model rows, now)`: the ids of the profiles whose stored scores differ from what those
-  models give them, answered as `("ok", [profile ids])`.
+- `("rescore", model rows, now, topology)`: finds the profiles whose stored scores differ from what
+  those models give them, and rescores them, `CHUNK` per transaction: each chunk's scores and
+  their `profile_changed` events (into the outbox, for the service to publish) are written
+  together. Answered as `("ok", profiles found)`.
 
 A request that fails is answered `("error", text)`. The models cross as their stored rows.
 
@@ -24,16 +26,19 @@ import pickle
 import signal
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import IO, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_common import db
-from cdp_profile import scoring, store
+from cdp_common import db, eventlog
+from cdp_profile import core, scoring, store
+from cdp_profile.messages import changed_event
 
 HEADER = struct.Struct("!Q")
+# Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
+CHUNK = 200
 
 
 def frame(message: Any) -> bytes:
@@ -56,14 +61,39 @@ async def fit(engine: AsyncEngine, now: datetime) -> tuple[Mapping[str, Any], in
     return scoring.build_models(base, now).to_rows(), len(base)
 
 
-async def moved(engine: AsyncEngine, rows: Mapping[str, Any], now: datetime) -> list[str]:
+async def rescore(engine: AsyncEngine, schema: str, rows: Mapping[str, Any], now: datetime,
+                  topology: eventlog.Topology) -> int:
     models = scoring.Models.from_rows(rows, now)
-    changed: list[str] = []
+    moved: list[str] = []
     async with engine.begin() as conn:
         async for scanned in store.scoring_base(conn):
-            changed += [profile_id for profile_id, inputs, stored in scanned
-                        if scoring.score(inputs, models, now).key() != stored]
-    return changed
+            moved += [profile_id for profile_id, inputs, stored in scanned
+                      if scoring.score(inputs, models, now).key() != stored]
+    for start in range(0, len(moved), CHUNK):
+        # Read again under lock: the consumer may have changed a profile since the scan. A profile
+        # the consumer holds right now is left to the next round: waiting for it could deadlock with
+        # a batch that locks its profiles in several statements (runs of events, then a merge's).
+        async with engine.begin() as conn:
+            loaded = await store.load_many(conn, moved[start:start + CHUNK], skip_locked=True)
+            states, out = rescored(list(loaded.states.values()), models, now, topology)
+            await store.save_scores(conn, states)
+            await db.add_to_outbox(conn, schema, out)
+    return len(moved)
+
+
+def rescored(
+    loaded: Sequence[core.ProfileState], models: scoring.Models, now: datetime, topology: eventlog.Topology
+) -> tuple[list[core.ProfileState], list[eventlog.Outgoing]]:
+    """The profiles whose scores moved, rescored, and their profile_changed events."""
+    cause = f"scores:{now.isoformat()}"
+    states, out = [], []
+    for before in loaded:
+        state = core.with_scores(before, scoring.score(scoring.inputs_of(before), models, now))
+        if before.scores is not None and state.scores is not None and before.scores.key() == state.scores.key():
+            continue
+        states.append(state)
+        out.append(changed_event(topology, state, core.changed_fields(before, state), cause_id=cause))
+    return states, out
 
 
 async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO[bytes]) -> None:
@@ -74,8 +104,8 @@ async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO
                 match request:
                     case ("fit", now):
                         answer: tuple[str, Any] = ("ok", await fit(engine, now))
-                    case ("moved", rows, now):
-                        answer = ("ok", await moved(engine, rows, now))
+                    case ("rescore", rows, now, topology):
+                        answer = ("ok", await rescore(engine, schema, rows, now, topology))
                     case _:
                         answer = ("error", f"unknown request {request!r:.80}")
             except Exception as error:  # noqa: BLE001 - answered as text, which always pickles
