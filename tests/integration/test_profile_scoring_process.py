@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog
@@ -57,8 +62,8 @@ async def one_customer(engine: AsyncEngine) -> datetime:
     return DAY + timedelta(days=60)
 
 
-def survey_children() -> list[int]:
-    """This process's children running cdp_profile.survey (zombies included: not yet reaped)."""
+def survey_children(of: int | None = None) -> list[int]:
+    """The children of `of` (this process) running cdp_profile.survey, zombies included (not yet reaped)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -68,9 +73,33 @@ def survey_children() -> list[int]:
             command = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        if parent == os.getpid() and b"cdp_profile.survey" in command:
+        if parent == (os.getpid() if of is None else of) and b"cdp_profile.survey" in command:
             found.append(int(entry.name))
     return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may not reap it at once)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# A stand-in for the service: starts a round's child and has it rescore, until it is killed.
+SERVICE = """
+import asyncio, sys
+from datetime import datetime
+from cdp_common import eventlog
+from cdp_profile import jobs, scoring
+
+async def main():
+    url, namespace, now = sys.argv[1:4]
+    async with jobs.Survey.started(url, "profile") as surveyed:
+        await surveyed.rescore(scoring.Models(), datetime.fromisoformat(now), eventlog.Topology(namespace))
+
+asyncio.run(main())
+"""
 
 
 async def test_a_round_in_the_child_scores_like_the_models_fitted_here(
@@ -128,3 +157,39 @@ async def test_a_round_stopped_midway_kills_its_child_and_releases_the_job(
     async with engine.connect() as conn:
         assert await store.models_version(conn) is None  # it stopped before storing anything
     assert await jobs.rescore(engine, *outbox, ModelsCache(), now) == jobs.Rescored(customers=1, rescored=1)
+
+
+async def test_a_service_killed_with_9_takes_its_rounds_child_with_it(
+    engine: AsyncEngine, database_url: str, namespace: str
+) -> None:
+    """kill -9 gives the service no chance to stop the child: the kernel must, or it would go on
+    rescoring (and publishing into the outbox) beside the restarted service's own round."""
+    profiles = 10_000
+    for start in range(0, profiles, 2_000):
+        async with engine.begin() as conn:
+            await store.save_many(conn, [customer(f"{n:05}", 1, 1_000, 0) for n in range(start, start + 2_000)], {})
+
+    async def outbox_rows() -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one())
+
+    service = subprocess.Popen([sys.executable, "-c", SERVICE, database_url, namespace,
+                                (DAY + timedelta(days=30)).isoformat()])
+    try:
+        deadline = time.monotonic() + 60
+        while (children := survey_children(service.pid)) == [] or await outbox_rows() == 0:
+            assert service.poll() is None and time.monotonic() < deadline, "no chunk was rescored"
+            await asyncio.sleep(0.02)
+        # The child is mid-round: at least one chunk is written.
+        service.send_signal(signal.SIGKILL)
+        service.wait()
+        deadline = time.monotonic() + 5
+        while running(children[0]):
+            assert time.monotonic() < deadline, "the round's child outlived the service"
+            await asyncio.sleep(0.02)
+    finally:
+        service.kill()
+        service.wait()
+    written = await outbox_rows()
+    await asyncio.sleep(0.5)
+    assert await outbox_rows() == written < profiles

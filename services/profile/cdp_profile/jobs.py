@@ -16,6 +16,7 @@ left in the outbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import sys
@@ -85,6 +86,22 @@ class PassFailed(Exception):
     """A pass over the base failed in the round's child process (the message names the error)."""
 
 
+async def _ended(process: asyncio.subprocess.Process, kill: bool) -> None:
+    """Waits for the round's child to exit, killed (`kill`), or after the end of its input; a child
+    that takes too long to exit, or a round cancelled meanwhile, kills it. It never outlives this."""
+    assert process.stdin is not None
+    process.stdin.close()
+    try:
+        if not kill:
+            await asyncio.wait_for(process.wait(), _SURVEY_EXIT_SECONDS)
+    except TimeoutError:
+        pass
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 class Survey:
     """The round's child process (`python -m cdp_profile.survey`). Started for one round; killed if
     the round is cancelled (the service stops)."""
@@ -96,25 +113,26 @@ class Survey:
     @asynccontextmanager
     async def started(cls, database_url: str, schema: str) -> AsyncIterator[Survey]:
         # The URL goes by the environment: a command line is visible to every user of the host.
-        process = await asyncio.create_subprocess_exec(
+        spawning = asyncio.ensure_future(asyncio.create_subprocess_exec(
             sys.executable, "-m", "cdp_profile.survey", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "CDP_DATABASE_URL": database_url,
-                                                 "CDP_PROFILE_SCHEMA": schema},
-        )
+                                                 "CDP_PROFILE_SCHEMA": schema, survey.PARENT_ENV: str(os.getpid())},
+        ))
+        try:
+            process = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # Stopped while the child was being started: it may exist already.
+            with contextlib.suppress(Exception):
+                await _ended(await spawning, kill=True)
+            raise
         try:
             yield cls(process)
         except BaseException:
-            if process.returncode is None:
-                process.kill()
+            await _ended(process, kill=True)
             raise
-        finally:
-            assert process.stdin is not None
-            process.stdin.close()  # the end of its requests: it closes its connection and exits
-            try:
-                await asyncio.wait_for(process.wait(), _SURVEY_EXIT_SECONDS)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        else:
+            # The end of its requests: it closes its connection and exits.
+            await _ended(process, kill=False)
 
     async def fit(self, now: datetime) -> tuple[scoring.Models, int]:
         """The models over every customer, and how many customers there were."""

@@ -21,6 +21,7 @@ core, at a lower CPU priority, and imports only what the passes need.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import pickle
 import signal
@@ -37,6 +38,9 @@ from cdp_profile import core, scoring, store
 from cdp_profile.messages import changed_event
 
 HEADER = struct.Struct("!Q")
+# The service's pid (set by jobs.Survey): this process ends with it.
+PARENT_ENV = "CDP_PROFILE_SURVEY_PARENT"
+_PR_SET_PDEATHSIG = 1
 # Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
 CHUNK = 200
 
@@ -116,7 +120,19 @@ async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO
         await engine.dispose()
 
 
+def _end_with(parent: int) -> None:
+    """A service killed with -9 cannot stop this process; the kernel does (Linux), so that no
+    rescoring goes on behind the service's back once it is restarted and runs a round of its own."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphan ends after its pass, when its answer has nowhere to go
+    if os.getppid() != parent:  # the service was gone before the line above
+        sys.exit(1)
+
+
 def main() -> None:
+    _end_with(int(os.environ[PARENT_ENV]))
     # Ctrl-C in a terminal reaches the whole process group; the service decides when this ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Background work: the scheduler serves the service (and PostgreSQL) first.
