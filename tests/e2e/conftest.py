@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from cdp_common.service import ServiceDefinition
 from cdp_dmp.main import DEFINITION as DMP
 from cdp_identity.main import DEFINITION as IDENTITY
 from cdp_ingest.main import DEFINITION as INGEST
+from cdp_profile import jobs
 from cdp_profile.main import DEFINITION as PROFILE
 from cdp_segmentation.main import DEFINITION as SEGMENTATION
 
@@ -115,3 +117,15 @@ def start_suite(
                         launched.endpoints, launched.metrics)
 
     return start
+
+
+@pytest.fixture
+async def no_scoring_rounds(db: Any) -> None:
+    """Holds the profile scoring job's lock for the whole test, taken before the services start: no
+    round refits the base-level models (scores are relative to the base and to the clock) while
+    the test compares profiles; the consumer scores with the default models meanwhile."""
+    for _ in range(100):
+        if await db.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", jobs.LOCK):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the scoring job held its lock for 10 s")

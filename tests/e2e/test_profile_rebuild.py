@@ -45,9 +45,7 @@ async def everything(suite: Any) -> dict[str, Any]:
     return views
 
 
-async def test_rebuild_swaps_in_an_identical_read_model_while_serving(start_suite, db, monkeypatch) -> None:
-    # Scores change with time; a fixed refit interval longer than the test keeps them still.
-    monkeypatch.setenv("CDP_PROFILE_SCORES_INTERVAL_SECONDS", "3600")
+async def test_rebuild_swaps_in_an_identical_read_model_while_serving(start_suite, db, no_scoring_rounds) -> None:
     async with start_suite(CORE) as suite:
         await send(suite, *STORY)
         await suite.settle()
@@ -92,8 +90,7 @@ async def test_rebuild_swaps_in_an_identical_read_model_while_serving(start_suit
         assert await db.fetchval("SELECT count(*) - count(DISTINCT event_id) FROM profile.events") == 0
 
 
-async def test_cdp_replay_profile_reports_progress_and_the_result(start_suite, monkeypatch) -> None:
-    monkeypatch.setenv("CDP_PROFILE_SCORES_INTERVAL_SECONDS", "3600")
+async def test_cdp_replay_profile_reports_progress_and_the_result(start_suite, no_scoring_rounds) -> None:
     async with start_suite(CORE) as suite:
         await send(suite, *STORY)
         await suite.settle()

@@ -37,7 +37,7 @@ from cdp_profile.handlers import ModelsCache
 
 log = structlog.get_logger("cdp.profile.scores")
 
-_LOCK = "cdp-profile-scores"
+LOCK = "cdp-profile-scores"
 # After a round over no customers: how often the job asks whether the first ones have come.
 FIRST_CUSTOMERS_POLL_SECONDS = 10.0
 # How long the round's child process may take to close its connection and exit.
@@ -56,7 +56,7 @@ async def rescore(
 ) -> Rescored | None:
     """One round; None when another replica holds the job. `schema`: the engine's search path."""
     async with engine.connect() as lock:
-        if not (await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": _LOCK})).scalar():
+        if not (await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": LOCK})).scalar():
             return None
         try:
             try:
@@ -75,7 +75,7 @@ async def rescore(
             return Rescored(customers=customers, rescored=moved)
         finally:
             try:
-                await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": _LOCK})
+                await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": LOCK})
             except BaseException:
                 # A session lock would outlive this round on the pooled connection: drop the connection.
                 await lock.invalidate()
