@@ -62,6 +62,14 @@ async def one_customer(engine: AsyncEngine) -> datetime:
     return DAY + timedelta(days=60)
 
 
+async def many_customers(engine: AsyncEngine, profiles: int) -> None:
+    """`profiles` customers stored unscored: a round moves them all."""
+    for start in range(0, profiles, 2_000):
+        async with engine.begin() as conn:
+            await store.save_many(conn, [customer(f"{n:05}", 1, 1_000, 0)
+                                         for n in range(start, min(start + 2_000, profiles))], {})
+
+
 def survey_children(of: int | None = None) -> list[int]:
     """The children of `of` (this process) running cdp_profile.survey, zombies included (not yet reaped)."""
     found = []
@@ -165,9 +173,7 @@ async def test_a_service_killed_with_9_takes_its_rounds_child_with_it(
     """kill -9 gives the service no chance to stop the child: the kernel must, or it would go on
     rescoring (and publishing into the outbox) beside the restarted service's own round."""
     profiles = 10_000
-    for start in range(0, profiles, 2_000):
-        async with engine.begin() as conn:
-            await store.save_many(conn, [customer(f"{n:05}", 1, 1_000, 0) for n in range(start, start + 2_000)], {})
+    await many_customers(engine, profiles)
 
     async def outbox_rows() -> int:
         async with engine.connect() as conn:
@@ -193,3 +199,23 @@ async def test_a_service_killed_with_9_takes_its_rounds_child_with_it(
     written = await outbox_rows()
     await asyncio.sleep(0.5)
     assert await outbox_rows() == written < profiles
+
+
+async def test_a_round_publishes_its_profile_changed_events_as_it_goes(
+    engine: AsyncEngine, outbox: tuple[db.Outbox, eventlog.Topology], nc: NATS
+) -> None:
+    """Not all at the end: segmentation gets a round's thousands of changes spread over it."""
+    profiles = 6_000
+    await many_customers(engine, profiles)
+    topology = outbox[1]
+    subscription = await nc.subscribe(topology.area_subjects("profile"))
+    round_ = asyncio.create_task(jobs.rescore(engine, *outbox, ModelsCache(), DAY + timedelta(days=30)))
+    try:
+        await subscription.next_msg(timeout=60)
+        child_still_rescoring = survey_children() != []
+        for _ in range(profiles - 1):
+            await subscription.next_msg(timeout=60)
+    finally:
+        await subscription.unsubscribe()
+    assert await round_ == jobs.Rescored(customers=profiles, rescored=profiles)
+    assert child_still_rescoring, "the first profile_changed came only after the round's child had finished"

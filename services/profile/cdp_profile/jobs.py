@@ -21,7 +21,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +40,8 @@ log = structlog.get_logger("cdp.profile.scores")
 LOCK = "cdp-profile-scores"
 # After a round over no customers: how often the job asks whether the first ones have come.
 FIRST_CUSTOMERS_POLL_SECONDS = 10.0
+# How often the events of the child's committed chunks are published during a round.
+_PUBLISH_EVERY_SECONDS = 0.5
 # How long the round's child process may take to close its connection and exit.
 _SURVEY_EXIT_SECONDS = 10.0
 
@@ -67,7 +69,7 @@ async def rescore(
                     # The consumer scores with the new models from here on; the second pass finds
                     # the profiles it has not touched since.
                     cache.put(models)
-                    moved = await surveyed.rescore(models, now, topology)
+                    moved = await _published_meanwhile(outbox, surveyed.rescore(models, now, topology))
             except PassFailed:
                 await outbox.flush()  # the chunks the child committed before it failed
                 raise
@@ -84,6 +86,21 @@ async def rescore(
 
 class PassFailed(Exception):
     """A pass over the base failed in the round's child process (the message names the error)."""
+
+
+async def _published_meanwhile(outbox: db.Outbox, rescoring: Awaitable[int]) -> int:
+    """Publishes the events of the chunks the child commits as it goes: a round that moves
+    thousands of profiles would otherwise hand segmentation all their profile_changed at once."""
+    task = asyncio.ensure_future(rescoring)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_PUBLISH_EVERY_SECONDS)
+            await outbox.flush()
+        return task.result()
+    finally:
+        if not task.done():  # cancelled, or a publish failed: the child is killed
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _ended(process: asyncio.subprocess.Process, kill: bool) -> None:
