@@ -10,7 +10,7 @@ The round's work runs in a child process started for it (survey.py): the fit, th
 the profiles whose scores moved, and their rescoring. It takes seconds per 100,000 profiles, and
 in the service's process it would take the interpreter from the live consumer and the gRPC calls
 for that long. The service stores the models, and publishes the profile_changed events the child
-left in the outbox.
+leaves in the outbox as its chunks commit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import pickle
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -104,8 +103,8 @@ async def _published_meanwhile(outbox: db.Outbox, rescoring: Awaitable[int]) -> 
 
 
 async def _ended(process: asyncio.subprocess.Process, kill: bool) -> None:
-    """Waits for the round's child to exit, killed (`kill`), or after the end of its input; a child
-    that takes too long to exit, or a round cancelled meanwhile, kills it. It never outlives this."""
+    """Ends the round's child: killed at once (`kill`), or given the end of its input and time to
+    exit, and killed if it takes too long or the wait is cancelled. It never outlives this."""
     assert process.stdin is not None
     process.stdin.close()
     try:
@@ -127,7 +126,7 @@ class Survey:
         self._process = process
 
     @classmethod
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def started(cls, database_url: str, schema: str) -> AsyncIterator[Survey]:
         # The URL goes by the environment: a command line is visible to every user of the host.
         spawning = asyncio.ensure_future(asyncio.create_subprocess_exec(
