@@ -1265,7 +1265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(latency_client(json.loads(args.latency_client)))
         return 0
     if args.scoring_every is not None:
-        if args.scoring_every <= 0:
+        if not math.isfinite(args.scoring_every) or args.scoring_every <= 0:
             parser.error(f"--scoring-every must be a number of seconds above 0, got {args.scoring_every}")
         Service.scores_interval = str(args.scoring_every)
     if args.events < FETCH_BATCH or args.runs < 1 or args.profiles < 100 or args.rate <= 0 or args.duration <= 0:

@@ -70,6 +70,12 @@ async def many_customers(engine: AsyncEngine, profiles: int) -> None:
                                          for n in range(start, min(start + 2_000, profiles))], {})
 
 
+def state_and_parent(process: Path) -> tuple[str, int]:
+    """From /proc/<pid>/stat, after the command in parentheses: the state letter, the parent's pid."""
+    state, parent = (process / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+    return state, int(parent)
+
+
 def survey_children(of: int | None = None) -> list[int]:
     """The children of `of` (this process) running cdp_profile.survey, zombies included (not yet reaped)."""
     found = []
@@ -77,7 +83,7 @@ def survey_children(of: int | None = None) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            _, parent = state_and_parent(entry)
             command = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
@@ -89,8 +95,8 @@ def survey_children(of: int | None = None) -> list[int]:
 def running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's new parent may not reap it at once)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return state_and_parent(Path(f"/proc/{pid}"))[0] != "Z"
+    except (OSError, IndexError, ValueError):
         return False
 
 

@@ -60,19 +60,14 @@ async def rescore(
         if not (await lock.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": LOCK})).scalar():
             return None
         try:
-            try:
-                async with Survey.started(engine.url.render_as_string(hide_password=False), schema) as surveyed:
-                    models, customers = await surveyed.fit(now)
-                    async with engine.begin() as conn:
-                        await store.save_models(conn, models)
-                    # The consumer scores with the new models from here on; the second pass finds
-                    # the profiles it has not touched since.
-                    cache.put(models)
-                    moved = await _published_meanwhile(outbox, surveyed.rescore(models, now, topology))
-            except PassFailed:
-                await outbox.flush()  # the chunks the child committed before it failed
-                raise
-            await outbox.flush()
+            async with Survey.started(engine.url.render_as_string(hide_password=False), schema) as surveyed:
+                models, customers = await surveyed.fit(now)
+                async with engine.begin() as conn:
+                    await store.save_models(conn, models)
+                # The consumer scores with the new models from here on; the second pass finds
+                # the profiles it has not touched since.
+                cache.put(models)
+                moved = await _published_meanwhile(outbox, surveyed.rescore(models, now, topology))
             return Rescored(customers=customers, rescored=moved)
         finally:
             try:
@@ -89,7 +84,8 @@ class PassFailed(Exception):
 
 async def _published_meanwhile(outbox: db.Outbox, rescoring: Awaitable[int]) -> int:
     """Publishes the events of the chunks the child commits as it goes: a round that moves
-    thousands of profiles would otherwise hand segmentation all their profile_changed at once."""
+    thousands of profiles would otherwise hand segmentation all their profile_changed at once.
+    The last flush follows the child's answer, so it also publishes what a failed pass committed."""
     task = asyncio.ensure_future(rescoring)
     try:
         while not task.done():
