@@ -373,9 +373,10 @@ class Usage:
     """CPU of this bench's processes by group (a group may grow: PostgreSQL forks a backend per
     connection), and of every other process on the machine, over the measured window."""
 
-    def __init__(self, groups: dict[str, Callable[[], list[int]]], reaper: dict[str, int] | None = None) -> None:
+    def __init__(self, groups: dict[str, Callable[[], list[int]]],
+                 reaper: dict[str, Callable[[], int | None]] | None = None) -> None:
         self.groups = groups
-        # Group -> a parent whose reaped children's CPU (cutime) belongs to the group.
+        # Group -> a parent (None: none yet) whose reaped children's CPU (cutime) belongs to the group.
         self.reaper = reaper or {}
 
     def _snapshot(self) -> dict[str, dict[int, float]]:
@@ -386,7 +387,7 @@ class Usage:
                 stat = _stat(pid)
                 if stat is not None:
                     snap[name][pid] = stat[0]
-            parent = self.reaper.get(name)
+            parent = self.reaper[name]() if name in self.reaper else None
             if parent is not None and (stat := _stat(parent)) is not None:
                 snap[name][-1] = stat[1]  # reaped children
         return snap
@@ -406,11 +407,13 @@ class Usage:
         others = ib._others_delta(others_before, {k: v for k, v in others_after.items() if k[0] not in ours})
         cpu = {name: sum(total - self._before[name].get(pid, 0.0) for pid, total in after[name].items())
                for name in self.groups}
-        for name in self.reaper:
+        for name, reaper in self.reaper.items():
             # A child that ended within the window is in its parent's reaped total with all the CPU
             # it ever used: what it had used before the window is taken off again (a rebuild
             # renews the service's pool, whose backends had done the whole live projection).
-            cpu[name] -= sum(used for pid, used in self._before[name].items() if pid > 0 and pid not in after[name])
+            parent = reaper()
+            cpu[name] -= sum(used for pid, used in self._before[name].items()
+                             if pid > 0 and pid != parent and pid not in after[name])
         spent = sum(cpu.values())
         return {
             "seconds": seconds, "cpu_s": cpu, "others_s": others,
@@ -689,7 +692,7 @@ async def measure_resolution(log: Log, servers: Servers, workload: Workload, lab
         usage = Usage(
             {"client": lambda: [os.getpid()], "nats_server": lambda: [servers.nats_pid],
              "identity": lambda: service.pids, "postgres": servers.postgres_pids},
-            reaper={"postgres": servers.postmaster_pid},
+            reaper={"postgres": lambda: servers.postmaster_pid},
         )
         service.start()
         timing = await drain(log, service, topology, events, usage)

@@ -61,6 +61,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import psutil
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cdp.v1 import event_pb2
@@ -386,6 +387,7 @@ class Workload:
     items: list[tuple[str, str, bytes, dict[str, str]]]
     summary: dict[str, Any]
     expected: dict[str, int]
+    live_profiles: list[str]  # the ids of the profiles not merged away
 
     def addressed(self, topology: eventlog.Topology) -> list[tuple[str, bytes, dict[str, str]]]:
         return [(topology.keyed("identity", pid, fact), payload, headers) for fact, pid, payload, headers in self.items]
@@ -431,7 +433,7 @@ def build_workload(events: int, profiles: int) -> Workload:
     summary = {"events": len(items), "resolved": expected["resolved"], "merges": expected["merged"],
                "profiles_touched": len(touched), "profile_pool": profiles, "bytes_per_event": statistics.fmean(sizes),
                "mix": dict(sorted(names.items(), key=lambda kv: -kv[1]))}
-    return Workload(items, summary, expected)
+    return Workload(items, summary, expected, sorted(touched - merged))
 
 
 # --- servers and the service --------------------------------------------------------------------
@@ -488,11 +490,21 @@ class Service(idb.Service):  # type: ignore[misc,name-defined]
 
 
 def _groups(servers: Any, service: Service, client: Callable[[], list[int]] | None = None) -> Any:
+    """The profile column counts the service's child processes too (a scoring round's, a rebuild's),
+    also one that ended within the window (through the service's reaped-children total)."""
     return idb.Usage(
         {"client": client or (lambda: [os.getpid()]), "nats_server": lambda: [servers.nats_pid],
-         "profile": lambda: service.pids, "postgres": servers.postgres_pids},
-        reaper={"postgres": servers.postmaster_pid},
+         "profile": lambda: _and_children(service.pids), "postgres": servers.postgres_pids},
+        reaper={"postgres": lambda: servers.postmaster_pid, "profile": lambda: next(iter(service.pids), None)},
     )
+
+
+def _and_children(pids: list[int]) -> list[int]:
+    found = list(pids)
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return found
 
 
 async def publish(log: Any, messages: Sequence[tuple[str, bytes, dict[str, str]]], topology: eventlog.Topology) -> float:
@@ -578,9 +590,11 @@ def rebuild_available() -> bool:
     return False
 
 
-async def measure_rebuild(servers: Any, service: Service, events: int) -> dict[str, Any] | None:
+async def measure_rebuild(servers: Any, service: Service, events: int,
+                          profile_ids: Sequence[str]) -> dict[str, Any] | None:
     """`cdp replay profile` against the running service: the read model rebuilt from the whole
-    IDENTITY stream into a new schema, then swapped in; timed from launch to exit."""
+    IDENTITY stream into a new schema, then swapped in; timed from launch to exit. Meanwhile a
+    health check and a GetProfile (of `profile_ids`) are called one after the other."""
     if not rebuild_available():
         return None
     env = {**os.environ, "CDP_NATS_URL": servers.nats_url, "CDP_NAMESPACE": service.namespace,
@@ -588,11 +602,18 @@ async def measure_rebuild(servers: Any, service: Service, events: int) -> dict[s
            "CDP_PROFILE_ADDRESS": service.grpc_address}
     log_file = servers.logs / f"replay-{service.namespace}.log"
     usage = _groups(servers, service)
+    stop = asyncio.Event()
+    probes = [asyncio.create_task(_probe(service.grpc_address, kind, profile_ids, stop)) for kind in PROBES]
+    await asyncio.sleep(PROBE_SETTLE_SECONDS)  # connected and warm before the rebuild starts
     usage.start()
-    with open(log_file, "ab") as out:
-        process = await asyncio.create_subprocess_exec(*REBUILD_COMMAND, env=env, stdout=out, stderr=out)
-        code = await process.wait()
-    used = usage.stop()
+    try:
+        with open(log_file, "ab") as out:
+            process = await asyncio.create_subprocess_exec(*REBUILD_COMMAND, env=env, stdout=out, stderr=out)
+            code = await process.wait()
+        used = usage.stop()
+    finally:
+        stop.set()
+        answered = await asyncio.gather(*probes)
     idb._expect(code == 0, f"cdp replay profile exited with {code}: {idb._tail(log_file)}")
     assert service.process is not None
     # A service that fails after the swap exits a moment after the command returns.
@@ -604,7 +625,49 @@ async def measure_rebuild(servers: Any, service: Service, events: int) -> dict[s
         print(f"warning: the profile service exited during or after the rebuild (code {service.process.returncode}); "
               f"last lines of {service.log_file}:\n{idb._tail(service.log_file, 4)}", flush=True)
     return {**used, "events": events, "events_per_s": events / used["seconds"], "service_survived": survived,
-            "cpu_us_per_event": {k: 1e6 * v / events for k, v in used["cpu_s"].items()}}
+            "cpu_us_per_event": {k: 1e6 * v / events for k, v in used["cpu_s"].items()},
+            "answering": dict(zip(PROBES, answered, strict=True))}
+
+
+# Calls the service answers during a rebuild: one at a time, each as soon as the one before came back
+# (at most PROBE_RATE a second), so a stalled event loop shows as the latency of the call waiting on it.
+PROBES = ("health", "get_profile")
+PROBE_RATE = 100.0
+PROBE_SETTLE_SECONDS = 1.0
+
+
+async def _probe(address: str, kind: str, profile_ids: Sequence[str], stop: asyncio.Event) -> dict[str, Any]:
+    """Latencies of `kind` calls from `stop`'s clearing to its setting (the first second aside)."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    from cdp.profile.v1 import profile_pb2
+
+    rng = random.Random(SEED + 300)
+    method, reply = {
+        "health": ("/grpc.health.v1.Health/Check", health_pb2.HealthCheckResponse.FromString),
+        "get_profile": ("/cdp.profile.v1.ProfileService/GetProfile", event_pb2.ProfileSnapshot.FromString),
+    }[kind]
+    latencies, errors = [], 0
+    began = time.perf_counter()
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=reply)
+        while not stop.is_set():
+            request = (health_pb2.HealthCheckRequest() if kind == "health"
+                       else profile_pb2.GetProfileRequest(profile_id=rng.choice(profile_ids))).SerializeToString()
+            sent = time.perf_counter()
+            try:
+                await call(request, timeout=30)
+            except grpc.aio.AioRpcError:
+                errors += 1  # NOT_FOUND is an answer, but the ids here are all live profiles
+            if sent - began >= PROBE_SETTLE_SECONDS:
+                latencies.append(time.perf_counter() - sent)
+            await asyncio.sleep(max(0.0, 1 / PROBE_RATE - (time.perf_counter() - sent)))
+    ms = sorted(1e3 * x for x in latencies)
+    if not ms:
+        return {"calls": 0, "errors": errors}
+    return {"calls": len(ms), "errors": errors, "p50_ms": ms[len(ms) // 2], "p99_ms": ms[int(len(ms) * 0.99)],
+            "max_ms": ms[-1], "over_100ms": sum(1 for x in ms if x > 100)}
 
 
 async def measure_live(log: Any, servers: Any, workload: Workload, label: str, profile_out: Path | None = None,
@@ -638,7 +701,7 @@ async def measure_live(log: Any, servers: Any, workload: Workload, label: str, p
         timing = await idb.drain(log, service, types.SimpleNamespace(stream=lambda _: topology.stream("identity")),
                                  total, usage)
         if rebuild:
-            rebuilt = await measure_rebuild(servers, service, total)
+            rebuilt = await measure_rebuild(servers, service, total, workload.live_profiles)
         await service.stop()
         checks = await verify(log, servers, topology, database, workload)
     finally:
@@ -920,7 +983,11 @@ def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     m["rebuild"] = None if not rebuilds else {"events_per_s": med(rebuilds, "events_per_s"),
                                               "cpu_us_per_event": costs(rebuilds),
                                               "service_survived": all(r["service_survived"] for r in rebuilds),
-                                              "foreign_cores": med(rebuilds, "foreign_cores")}
+                                              "foreign_cores": med(rebuilds, "foreign_cores"),
+                                              "answering": {kind: {key: statistics.median(r["answering"][kind][key]
+                                                                                          for r in rebuilds)
+                                                                   for key in ("p50_ms", "p99_ms", "max_ms", "errors")}
+                                                            for kind in PROBES}}
     m["targets"] |= {
         "live_at_least_10000_per_s": m["live"]["events_per_s"] >= TARGET_LIVE,
         "rebuild_at_least_20000_per_s": None if m["rebuild"] is None else m["rebuild"]["events_per_s"] >= TARGET_REBUILD,
@@ -954,6 +1021,12 @@ def _throughput_rows(table: Any, m: dict[str, Any], raw: dict[str, list[dict[str
                       runs(rows, "events_per_s", ",.0f"), f"{rebuild['events_per_s'] / ceiling:.2f}x",
                       f">= 20,000 {verdict(m['targets']['rebuild_at_least_20000_per_s'])}",
                       f"{rebuild['foreign_cores']:.2f}", "", cost(rebuild["cpu_us_per_event"]))
+        for kind, label in (("health", "health check"), ("get_profile", "GetProfile")):
+            got = rebuild["answering"][kind]
+            per_run = " ".join(f"{r['answering'][kind]['max_ms']:.0f}" for r in rows)
+            table.add_row(f"  {label} meanwhile: p50 / p99 / max", f"{got['p50_ms']:.1f} / {got['p99_ms']:.1f} / "
+                          f"{got['max_ms']:.0f} ms", f"max {per_run}", "", "", "", "",
+                          f"{got['errors']:.0f} errors" if got["errors"] else "")
         if not rebuild["service_survived"]:
             table.add_row("  [red]the service exited after the rebuild[/]", "", "", "", "", "", "", "")
 

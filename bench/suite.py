@@ -223,7 +223,7 @@ class Suite:
             "postgres": self.servers.postgres_pids, "cdp_up": lambda: [up]}
         for name in self.pids:
             groups[name] = lambda name=name: self.tree(name)  # type: ignore[misc]
-        return idb.Usage(groups, reaper={"postgres": self.servers.postmaster_pid})
+        return idb.Usage(groups, reaper={"postgres": lambda: self.servers.postmaster_pid})
 
     def memory(self) -> dict[str, dict[str, Any]]:
         """Peak resident memory (VmHWM) of each service (all its processes), nats-server, and the

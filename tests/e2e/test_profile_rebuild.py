@@ -4,6 +4,8 @@ with events still arriving, ends exactly where the live one would have."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from google.protobuf import json_format
 
 from cdp.profile.v1 import profile_pb2
 from cdp.v1 import event_pb2
+from processes import children, running
 from test_profile import CORE, STORY, order, profile, send
 
 pytestmark = pytest.mark.timeout(180)
@@ -109,3 +112,63 @@ async def test_cdp_replay_profile_reports_progress_and_the_result(start_suite, n
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
         )
         assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+
+
+async def rebuild_until_first_step(suite: Any) -> tuple[Any, list[int]]:
+    """A rebuild started, and the process that projects it (cdp_profile.replay, a child of the
+    service: this process) as it runs when the first progress step arrives."""
+    call = suite.profile.Rebuild(profile_pb2.RebuildRequest())
+    first = await call.read()
+    assert first.phase == "rebuilding"
+    return call, children("cdp_profile.replay")
+
+
+async def gone(pids: list[int]) -> bool:
+    for _ in range(100):
+        if not any(running(pid) for pid in pids):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def still_applying(suite: Any, db: Any) -> None:
+    """The live read model is the one it was, and the live consumer still applies the log to it."""
+    orders = int((await profile(suite, "bob")).order_count)
+    await send(suite, order("after-the-rebuild", "bob", 0.1, 10.0, "hats"))
+    await suite.settle()
+    assert int((await profile(suite, "bob")).order_count) == orders + 1
+    assert await db.fetchval("SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'profile_%'") == 0
+
+
+async def test_a_cancelled_rebuild_ends_its_process_and_leaves_the_live_model(start_suite, db, no_scoring_rounds) -> None:
+    async with start_suite(CORE) as suite:
+        await send(suite, *STORY)
+        await suite.settle()
+        before = await everything(suite)
+        call, projecting = await rebuild_until_first_step(suite)
+        assert len(projecting) == 1, "the rebuild is not projected in a process of its own"
+        call.cancel()  # the operator's Ctrl-C: `cdp replay profile` drops the call
+        assert await gone(projecting), "the rebuild's process outlived the cancelled rebuild"
+        assert await everything(suite) == before
+        await still_applying(suite, db)
+
+
+async def test_a_rebuild_whose_process_dies_fails_with_the_reason_and_leaves_the_live_model(
+    start_suite, db, no_scoring_rounds,
+) -> None:
+    async with start_suite(CORE) as suite:
+        await send(suite, *STORY)
+        await suite.settle()
+        before = await everything(suite)
+        call, projecting = await rebuild_until_first_step(suite)
+        os.kill(projecting[0], signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            while await call.read() != grpc.aio.EOF:
+                pass
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert "the rebuild failed: cdp_profile.replay exited with code -9" in (failed.value.details() or "")
+        assert await everything(suite) == before
+        await still_applying(suite, db)
+        # The next rebuild works.
+        phases = [step.phase async for step in suite.profile.Rebuild(profile_pb2.RebuildRequest())]
+        assert phases[-2:] == ["swapping", "done"] and children("cdp_profile.replay") == []

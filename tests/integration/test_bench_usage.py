@@ -54,7 +54,7 @@ def test_a_child_ended_in_the_window_counts_only_its_cpu_inside_it(tmp_path: Pat
         before = idb._stat(child)
         assert before is not None and before[0] >= 0.3, before
         usage = idb.Usage({"burner": lambda: [child] if idb._stat(child) is not None else []},
-                          reaper={"burner": parent.pid})
+                          reaper={"burner": lambda: parent.pid})
         usage.start()
         go.touch()
         assert parent.stdout.readline().strip() == "reaped"

@@ -5,14 +5,12 @@ process behind."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -23,6 +21,7 @@ from cdp_common import db, eventlog
 from cdp_profile import jobs, scoring, store
 from cdp_profile.core import ProfileState
 from cdp_profile.handlers import ModelsCache
+from processes import children, running
 
 DAY = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -70,34 +69,8 @@ async def many_customers(engine: AsyncEngine, profiles: int) -> None:
                                          for n in range(start, min(start + 2_000, profiles))], {})
 
 
-def state_and_parent(process: Path) -> tuple[str, int]:
-    """From /proc/<pid>/stat, after the command in parentheses: the state letter, the parent's pid."""
-    state, parent = (process / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-    return state, int(parent)
-
-
 def survey_children(of: int | None = None) -> list[int]:
-    """The children of `of` (this process) running cdp_profile.survey, zombies included (not yet reaped)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            _, parent = state_and_parent(entry)
-            command = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if parent == (os.getpid() if of is None else of) and b"cdp_profile.survey" in command:
-            found.append(int(entry.name))
-    return found
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's new parent may not reap it at once)."""
-    try:
-        return state_and_parent(Path(f"/proc/{pid}"))[0] != "Z"
-    except (OSError, IndexError, ValueError):
-        return False
+    return children("cdp_profile.survey", of)
 
 
 # A stand-in for the service: starts a round's child and has it rescore, until it is killed.

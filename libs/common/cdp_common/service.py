@@ -211,7 +211,7 @@ class Running:
                 return task.exception() or RuntimeError(f"{task.get_name()} stopped unexpectedly")
 
 
-async def _connect_nats(url: str, name: str) -> NATS:
+async def connect_nats(url: str, name: str) -> NATS:
     async def on_error(error: Exception) -> None:
         log.warning("nats_error", error=str(error))
 
@@ -237,7 +237,7 @@ async def _connect_nats(url: str, name: str) -> NATS:
 async def collect_on_a_clock() -> None:
     """Runs the cyclic collector every YOUNG_EVERY_SECONDS by its own rule: the young generation,
     or an older one once the one below it was collected as often as its threshold says. It leaves
-    it alone while it is disabled (a rebuild pauses it)."""
+    it alone while it is disabled (as `cdp_profile.bulk` does while it folds a chunk)."""
     while True:
         await asyncio.sleep(YOUNG_EVERY_SECONDS)
         young, young_collections, middle_collections = gc.get_count()
@@ -258,7 +258,7 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
     if definition.schema is not None and not settings.database_url:
         raise SettingsError("environment variable CDP_DATABASE_URL is required but not set")
     traces = tracing.Tracing(definition.name)
-    nc = await _connect_nats(settings.nats_url, f"cdp-{definition.name}")
+    nc = await connect_nats(settings.nats_url, f"cdp-{definition.name}")
     engine = (
         db.create_engine(settings.database_url, search_path=definition.schema)
         if definition.schema is not None

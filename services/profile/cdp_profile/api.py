@@ -18,7 +18,7 @@ from cdp_common import convert, eventlog, identifiers
 from cdp_profile import search, store
 from cdp_profile.messages import snapshot
 from cdp_profile.reader import Reader
-from cdp_profile.rebuild import Rebuilder, RebuildRefused
+from cdp_profile.rebuild import Rebuilder, RebuildFailed, RebuildRefused
 
 DEFAULT_PAGE = 50
 MAX_TIMELINE_PAGE = 500
@@ -115,6 +115,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 )
         except RebuildRefused as refused:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(refused))
+        except RebuildFailed as failed:
+            await context.abort(grpc.StatusCode.INTERNAL, str(failed))
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: _Invalid) -> NoReturn:
         await context.abort(error.code, str(error))

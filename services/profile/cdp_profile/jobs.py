@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pickle
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog
-from cdp_profile import scoring, store, survey
+from cdp_profile import child, scoring, store
 from cdp_profile.handlers import ModelsCache
 
 log = structlog.get_logger("cdp.profile.scores")
@@ -41,8 +38,6 @@ LOCK = "cdp-profile-scores"
 FIRST_CUSTOMERS_POLL_SECONDS = 10.0
 # How often the events of the child's committed chunks are published during a round.
 _PUBLISH_EVERY_SECONDS = 0.5
-# How long the round's child process may take to close its connection and exit.
-_SURVEY_EXIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,53 +93,19 @@ async def _published_meanwhile(outbox: db.Outbox, rescoring: Awaitable[int]) -> 
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def _ended(process: asyncio.subprocess.Process, kill: bool) -> None:
-    """Ends the round's child: killed at once (`kill`), or given the end of its input and time to
-    exit, and killed if it takes too long or the wait is cancelled. It never outlives this."""
-    assert process.stdin is not None
-    process.stdin.close()
-    try:
-        if not kill:
-            await asyncio.wait_for(process.wait(), _SURVEY_EXIT_SECONDS)
-    except TimeoutError:
-        pass
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
 class Survey:
     """The round's child process (`python -m cdp_profile.survey`). Started for one round; killed if
     the round is cancelled (the service stops)."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: child.Child) -> None:
         self._process = process
 
     @classmethod
     @contextlib.asynccontextmanager
     async def started(cls, database_url: str, schema: str) -> AsyncIterator[Survey]:
-        # The URL goes by the environment: a command line is visible to every user of the host.
-        spawning = asyncio.ensure_future(asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cdp_profile.survey", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "CDP_DATABASE_URL": database_url,
-                                                 "CDP_PROFILE_SCHEMA": schema, survey.PARENT_ENV: str(os.getpid())},
-        ))
-        try:
-            process = await asyncio.shield(spawning)
-        except asyncio.CancelledError:
-            # Stopped while the child was being started: it may exist already.
-            with contextlib.suppress(Exception):
-                await _ended(await spawning, kill=True)
-            raise
-        try:
+        env = {"CDP_DATABASE_URL": database_url, "CDP_PROFILE_SCHEMA": schema}
+        async with child.Child.started("cdp_profile.survey", env) as process:
             yield cls(process)
-        except BaseException:
-            await _ended(process, kill=True)
-            raise
-        else:
-            # The end of its requests: it closes its connection and exits.
-            await _ended(process, kill=False)
 
     async def fit(self, now: datetime) -> tuple[scoring.Models, int]:
         """The models over every customer, and how many customers there were."""
@@ -158,18 +119,11 @@ class Survey:
         return found
 
     async def _ask(self, request: tuple[Any, ...]) -> Any:
-        assert self._process.stdin is not None and self._process.stdout is not None
         try:
-            self._process.stdin.write(survey.frame(request))
-            await self._process.stdin.drain()
-            (size,) = survey.HEADER.unpack(await self._process.stdout.readexactly(survey.HEADER.size))
-            kind, value = pickle.loads(await self._process.stdout.readexactly(size))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            code = await self._process.wait()
-            raise PassFailed(f"the scoring job's process (cdp_profile.survey) exited with code {code} "
-                             f"during the {request[0]!r} pass") from None
-        if kind == "error":
-            raise PassFailed(f"the {request[0]!r} pass failed: {value}")
+            await self._process.send(request)
+            _, value = await self._process.receive()
+        except child.ChildFailed as failed:
+            raise PassFailed(f"the {request[0]!r} pass failed: {failed}") from None
         return value
 
 

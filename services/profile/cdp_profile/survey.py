@@ -1,8 +1,8 @@
 """The scoring job's passes over the whole base, in a process of their own.
 
-`python -m cdp_profile.survey` is started by the scoring job (jobs.py) once per round. It reads
-requests from stdin and writes answers to stdout, each a frame (an 8-byte length, then a pickle),
-and exits at the end of stdin:
+`python -m cdp_profile.survey` is started by the scoring job (jobs.py) once per round (child.py says
+why, and how the two talk). It answers each request with one frame, and exits at the end of its
+input:
 
 - `("fit", now)`: every customer's score inputs, and the models fitted to them, answered as
   `("ok", (model rows, customers))`;
@@ -12,20 +12,12 @@ and exits at the end of stdin:
   together. Answered as `("ok", profiles found)`.
 
 A request that fails is answered `("error", text)`. The models cross as their stored rows.
-
-Why a process: a pass takes seconds per 100,000 profiles; in the service's process it would take
-the interpreter from the live consumer and the gRPC calls for that long. Here it runs on the other
-core, at a lower CPU priority, and imports only what the passes need.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
-import pickle
-import signal
-import struct
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -34,29 +26,11 @@ from typing import IO, Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog
-from cdp_profile import core, scoring, store
+from cdp_profile import child, core, scoring, store
 from cdp_profile.messages import changed_event
 
-HEADER = struct.Struct("!Q")
-# The service's pid (set by jobs.Survey): this process ends with it.
-PARENT_ENV = "CDP_PROFILE_SURVEY_PARENT"
-_PR_SET_PDEATHSIG = 1
 # Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
 CHUNK = 200
-
-
-def frame(message: Any) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(body)) + body
-
-
-def _read(stream: IO[bytes]) -> Any | None:
-    """The next request, None at the end of the stream."""
-    header = stream.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return None
-    (size,) = HEADER.unpack(header)
-    return pickle.loads(stream.read(size))
 
 
 async def fit(engine: AsyncEngine, now: datetime) -> tuple[Mapping[str, Any], int]:
@@ -103,7 +77,7 @@ def rescored(
 async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO[bytes]) -> None:
     engine = db.create_engine(database_url, pool_size=1, search_path=schema)
     try:
-        while (request := _read(requests)) is not None:
+        while (request := child.read(requests)) is not None:
             try:
                 match request:
                     case ("fit", now):
@@ -114,29 +88,13 @@ async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO
                         answer = ("error", f"unknown request {request!r:.80}")
             except Exception as error:  # noqa: BLE001 - answered as text, which always pickles
                 answer = ("error", f"{type(error).__name__}: {error}")
-            answers.write(frame(answer))
-            answers.flush()
+            child.write(answers, *answer)
     finally:
         await engine.dispose()
 
 
-def _end_with(parent: int) -> None:
-    """A service killed with -9 cannot stop this process; the kernel does (Linux), so that no
-    rescoring goes on behind the service's back once it is restarted and runs a round of its own."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: an orphan ends after its pass, when its answer has nowhere to go
-    if os.getppid() != parent:  # the service was gone before the line above
-        sys.exit(1)
-
-
 def main() -> None:
-    _end_with(int(os.environ[PARENT_ENV]))
-    # Ctrl-C in a terminal reaches the whole process group; the service decides when this ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Background work: the scheduler serves the service (and PostgreSQL) first.
-    os.nice(10)
+    child.become_child()
     asyncio.run(serve(os.environ["CDP_DATABASE_URL"], os.environ["CDP_PROFILE_SCHEMA"], sys.stdin.buffer,
                       sys.stdout.buffer))
 
