@@ -13,6 +13,7 @@ rebuild.py for one rebuild (child.py says why, and how the two talk).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import sys
 import time
@@ -92,8 +93,9 @@ async def replay(
                     held = await puller.fetch()
                     if not held:
                         break
-                sequences = [m.metadata.sequence.stream for m in held]
-                within = next((i for i, s in enumerate(sequences) if s > target), len(held))
+                # Those at or below the live position (Msg.metadata parses the reply subject at each
+                # read: about 5% of this process's CPU when it was read for every message).
+                within = bisect.bisect_right(held, target, key=_sequence)
                 ready += held[:within]
                 held = held[within:]
                 if held:
@@ -117,6 +119,10 @@ async def replay(
             finishing = True
     finally:
         await puller.forget()
+
+
+def _sequence(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)
 
 
 async def _apply(bulk: Bulk, msgs: list[Msg]) -> tuple[int, int]:
