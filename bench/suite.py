@@ -605,6 +605,9 @@ def summarize(parts: list[dict[str, Any]], suite_runs: list[dict[str, Any]]) -> 
     add("profile_rebuild", "profile rebuild (cdp replay profile)", rate("profile", "rebuild"), "ev/s",
         ceiling="ceiling_consume", goal=f">= {pb.TARGET_REBUILD:,.0f}", met=lambda v: v >= pb.TARGET_REBUILD,
         other=other("profile", "rebuild"))
+    add("rebuild_get_profile_max", "  GetProfile slowest during the rebuild",
+        [p["answering"]["get_profile"]["max_ms"] if (p := pick(r, ("profile", "rebuild"))) else None for r in parts],
+        "ms", other=other("profile", "rebuild"))
     for key, kind, p in (("get_profile_p50", "get_profile", "p50"), ("get_profile_p99", "get_profile", "p99"),
                          ("health_p99", "health", "p99")):
         add(key, f"{'GetProfile' if kind == 'get_profile' else 'health check (floor)'} {p}",

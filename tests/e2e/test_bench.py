@@ -19,7 +19,7 @@ RATES = ("ceiling_publish", "ceiling_consume", "ingest_grpc_batch", "ingest_http
 LATENCIES = (
     *(f"freshness_{stage}_{p}" for stage in ("resolved", "profile_changed", "segment_entered", "email_in_sink")
       for p in ("p50", "p99")),
-    "get_profile_p50", "get_profile_p99", "health_p99",
+    "get_profile_p50", "get_profile_p99", "health_p99", "rebuild_get_profile_max",
 )
 MEMORY = (*(f"memory_{name}" for name in SERVICES), "memory_nats_server", "memory_postgres")
 
