@@ -71,7 +71,6 @@ class Rebuilder:
         async with self._running:
             started = time.monotonic()
             engine = self._runtime.engine
-            await self._prepare(engine)
             swapped = stopped_live = False
             # While the live consumer is stopped, this holds its lock, so that no standby replica
             # starts applying the log to the old tables meanwhile.
@@ -116,17 +115,21 @@ class Rebuilder:
         again until it has reached the stopped consumer's checkpoint."""
         runtime, spec = self._runtime, self._live.spec
         stream = runtime.topology.stream(spec.area)
-        # Made here, not in the process: one that is killed cannot delete it.
-        consumer = await runtime.js.add_consumer(stream, ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
-            filter_subjects=list(spec.filter_subjects) or None,
-        ))
-        job = Job(namespace=runtime.topology.namespace, stream=stream, consumer=consumer.name, durable=spec.durable,
-                  live_schema=LIVE, schema=NEXT)
         env = {"CDP_NATS_URL": runtime.settings.nats_url, "CDP_DATABASE_URL": runtime.settings.database_url}
+        consumer: str | None = None
         try:
             async with child.Child.started("cdp_profile.replay", env) as replaying:
-                await replaying.send(("replay", job))
+                # The process imports its modules (most of a second) while the new schema is made.
+                await self._prepare(runtime.engine)
+                # Made here, not in the process: one that is killed cannot delete it.
+                consumer = (await runtime.js.add_consumer(stream, ConsumerConfig(
+                    deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
+                    mem_storage=True, filter_subjects=list(spec.filter_subjects) or None,
+                ))).name
+                await replaying.send(("replay", Job(
+                    namespace=runtime.topology.namespace, stream=stream, consumer=consumer, durable=spec.durable,
+                    live_schema=LIVE, schema=NEXT,
+                )))
                 while True:
                     kind, progress = await replaying.receive()
                     if kind == "done":
@@ -138,7 +141,8 @@ class Rebuilder:
             raise RebuildFailed(f"the rebuild failed: {failed}") from None
         finally:
             try:
-                await runtime.js.delete_consumer(stream, consumer.name)
+                if consumer is not None:
+                    await runtime.js.delete_consumer(stream, consumer)
             except Exception as error:  # noqa: BLE001 - it goes away on its own after inactive_threshold
                 log.warning("rebuild_consumer_not_deleted", error=repr(error))
 

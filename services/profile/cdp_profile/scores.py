@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import minimize  # type: ignore[import-untyped]
-from scipy.special import gammaln  # type: ignore[import-untyped]
 
 
 @dataclass(frozen=True)
@@ -214,6 +212,10 @@ def _negative_log_likelihood(x: Floats, t_x: Floats, T: Floats) -> Callable[[Flo
     Terms depending on x alone are computed once per distinct x; only the time terms are per
     customer. Customers with no repeat purchase have only the "still alive at T" term.
     """
+    # Imported here, as `minimize` is in fit_bgnbd: only the scoring job's fit needs scipy, and its
+    # import takes about 0.4 s that every other start of the service and its children would wait.
+    from scipy.special import gammaln  # type: ignore[import-untyped]
+
     xs, counts = np.unique(x, return_counts=True)
     zero = x == 0
     T0 = T[zero]
@@ -246,6 +248,8 @@ def fit_bgnbd(rows: Sequence[tuple[int, float, float]]) -> BgNbdParams:
     t_x = np.clip(data[capable, 1], 0.0, T)
     if len(T) < MIN_FIT_CUSTOMERS or not np.any(x > 0):
         return DEFAULT_BGNBD
+    from scipy.optimize import minimize  # type: ignore[import-untyped]  # see _negative_log_likelihood
+
     # alpha is in time units: fit on a time scale where it starts near 1.
     scale = float(np.mean(T))
     result = minimize(
