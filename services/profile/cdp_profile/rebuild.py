@@ -110,9 +110,10 @@ class Rebuilder:
             yield replace(progress, phase="done", seconds=time.monotonic() - started)
 
     async def _replayed(self) -> AsyncGenerator[tuple[str, Progress], None]:
-        """The projection's reports from its process (replay.py): "progress" as it goes, then
-        "caught_up" (the caller stops the live consumer before the next step), then "progress"
-        again until it has reached the stopped consumer's checkpoint."""
+        """Starts the projection's process (replay.py), makes the new schema and the ephemeral
+        consumer for it, and yields its reports: "progress" as it goes, then "caught_up" (the
+        caller stops the live consumer before the next step), then "progress" again until it has
+        reached the stopped consumer's checkpoint. The consumer is deleted whatever happens."""
         runtime, spec = self._runtime, self._live.spec
         stream = runtime.topology.stream(spec.area)
         env = {"CDP_NATS_URL": runtime.settings.nats_url, "CDP_DATABASE_URL": runtime.settings.database_url}
