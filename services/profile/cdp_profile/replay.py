@@ -27,7 +27,6 @@ from nats.aio.msg import Msg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp.v1 import event_pb2
 from cdp_common import db, eventlog, logs
 from cdp_common.pull import Puller
 from cdp_common.service import connect_nats
@@ -38,8 +37,6 @@ from cdp_profile.bulk import Bulk
 FETCH, CHUNK = 5000, 20_000
 # How often progress is reported while rebuilding (seconds).
 _REPORT_EVERY = 0.25
-# Messages decoded between two turns of the event loop.
-_SHARE_EVERY = 1000
 
 log = structlog.get_logger("cdp.profile.rebuild")
 
@@ -86,26 +83,12 @@ async def replay(
     await bulk.prepare()
     puller = Puller(nc, job.stream, job.consumer, FETCH, 1.0)
     progress, held, finishing, reported = Progress("rebuilding"), list[Msg](), False, 0.0
-    gathered = 0  # the stream sequence of the last message taken into a chunk
-
-    async def apply(events: list[event_pb2.Event], undecodable: int, sequence: int, target: int) -> None:
-        nonlocal progress, reported
-        failed = await bulk.apply(events, sequence)
-        progress = replace(progress, sequence=sequence, target=target, events=progress.events + len(events) - failed,
-                           skipped=progress.skipped + undecodable + failed, seconds=time.monotonic() - started)
-        if time.monotonic() - reported >= _REPORT_EVERY:
-            reported = time.monotonic()
-            report("progress", progress)
-
-    # One chunk is applied while the next is fetched and decoded: the applying waits on PostgreSQL
-    # for about a quarter of its time.
-    applying: asyncio.Task[None] | None = None
     try:
         while True:
             target = await _live_position(engine, job)
             ready: list[Msg] = []
             # Up to a chunk, without waiting for more once the live position is reached.
-            while len(ready) < CHUNK and (_sequence(ready[-1]) if ready else gathered) < target:
+            while len(ready) < CHUNK and (ready[-1].metadata.sequence.stream if ready else progress.sequence) < target:
                 if not held:
                     held = await puller.fetch()
                     if not held:
@@ -118,15 +101,14 @@ async def replay(
                 if held:
                     break
             if ready:
-                gathered = _sequence(ready[-1])
-                events, undecodable = await _decoded(ready)
-                if applying is not None:
-                    await applying
-                applying = asyncio.create_task(apply(events, undecodable, gathered, target))
+                applied, skipped = await _apply(bulk, ready)
+                progress = replace(progress, sequence=ready[-1].metadata.sequence.stream, target=target,
+                                   events=progress.events + applied, skipped=progress.skipped + skipped,
+                                   seconds=time.monotonic() - started)
+                if time.monotonic() - reported >= _REPORT_EVERY:
+                    reported = time.monotonic()
+                    report("progress", progress)
                 continue
-            if applying is not None:
-                await applying
-                applying = None
             # Nothing left at or below the live position: caught up.
             await bulk.settle()
             progress = replace(progress, seconds=time.monotonic() - started)
@@ -136,9 +118,6 @@ async def replay(
             await stopped()
             finishing = True
     finally:
-        if applying is not None and not applying.done():
-            applying.cancel()
-            await asyncio.gather(applying, return_exceptions=True)
         await puller.forget()
 
 
@@ -146,18 +125,16 @@ def _sequence(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
 
 
-async def _decoded(msgs: list[Msg]) -> tuple[list[event_pb2.Event], int]:
-    """The chunk's events, and how many would not decode (the live consumer dead-lettered them too).
-    Gives the event loop a turn now and then, so the chunk being applied goes on meanwhile."""
+async def _apply(bulk: Bulk, msgs: list[Msg]) -> tuple[int, int]:
+    """One chunk into the new schema with its checkpoint; (applied, skipped)."""
     events, undecodable = [], 0
-    for n, msg in enumerate(msgs, 1):
+    for msg in msgs:
         try:
             events.append(eventlog.decode(msg.data))
-        except Exception:  # noqa: BLE001 - counted as skipped
+        except Exception:  # noqa: BLE001 - the live consumer dead-lettered it too
             undecodable += 1
-        if n % _SHARE_EVERY == 0:
-            await asyncio.sleep(0)
-    return events, undecodable
+    failed = await bulk.apply(events, msgs[-1].metadata.sequence.stream)
+    return len(events) - failed, undecodable + failed
 
 
 class _Ended(Exception):
