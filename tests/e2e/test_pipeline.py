@@ -52,7 +52,7 @@ THANKS = activation_pb2.Campaign(
 )
 
 
-async def test_events_flow_from_ingest_to_email_export_and_back(start_suite, smtp) -> None:
+async def test_events_flow_from_ingest_to_email_export_and_back(start_suite, smtp, db) -> None:
     inbox, _ = smtp
     async with start_suite() as suite:
         await suite.segmentation.PutSegment(REPEAT_BUYERS)
@@ -120,6 +120,12 @@ async def test_events_flow_from_ingest_to_email_export_and_back(start_suite, smt
         assert stats.profiles == 3
         # Grace's conversion made her a repeat buyer: she gets the email too, exactly once.
         assert sorted(m["To"] for m in inbox.messages) == ["ada@example.com", "grace@example.org"]
+
+        # A DBA looking at pg_stat_activity sees which service holds each connection.
+        named = {r["application_name"] for r in await db.fetch(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()")}
+        assert {"cdp-identity", "cdp-profile", "cdp-profile-reader", "cdp-segmentation", "cdp-activation",
+                "cdp-dmp-bridge"} <= named
 
 
 async def test_replayed_log_changes_nothing_twice(start_suite, smtp, db) -> None:

@@ -35,15 +35,24 @@ def plain_url(url: str) -> str:
     return urlunsplit(parts._replace(scheme="postgresql"))
 
 
-def create_engine(url: str, pool_size: int = 5, search_path: str | None = None) -> AsyncEngine:
-    """`search_path`: the schema unqualified table names resolve to (a service's own)."""
+def create_engine(
+    url: str, pool_size: int = 5, search_path: str | None = None, application_name: str | None = None
+) -> AsyncEngine:
+    """`search_path`: the schema unqualified table names resolve to (a service's own).
+    `application_name`: what pg_stat_activity and the server's log call these connections."""
     if search_path is not None and not _SCHEMA.fullmatch(search_path):
         raise ValueError(f"invalid schema name {search_path!r}")
-    connect_args = {"server_settings": {"search_path": search_path}} if search_path else {}
+    connect_args = {"server_settings": session_settings(search_path, application_name)}
     return create_async_engine(
         async_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True, connect_args=connect_args,
         json_serializer=convert.to_json, json_deserializer=convert.from_json,
     )
+
+
+def session_settings(search_path: str | None, application_name: str | None) -> dict[str, str]:
+    """A connection's server settings: its schema, and its name in pg_stat_activity."""
+    settings = {"search_path": search_path} if search_path else {}
+    return settings | ({"application_name": application_name} if application_name else {})
 
 
 # Every service schema gets these: the consumer checkpoints (applied stream sequence, written

@@ -260,7 +260,8 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
     traces = tracing.Tracing(definition.name)
     nc = await connect_nats(settings.nats_url, f"cdp-{definition.name}")
     engine = (
-        db.create_engine(settings.database_url, search_path=definition.schema)
+        db.create_engine(settings.database_url, search_path=definition.schema,
+                         application_name=f"cdp-{definition.name}")
         if definition.schema is not None
         else None
     )

@@ -56,7 +56,7 @@ class Reader:
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(
             self._url, min_size=1, max_size=self._size, init=_codecs, reset=_unchanged,
-            server_settings={"search_path": self._schema},
+            server_settings=db.session_settings(self._schema, "cdp-profile-reader"),
         )
 
     async def by_id(self, profile_id: str) -> ProfileState | None:

@@ -160,7 +160,7 @@ async def serve(nats_url: str, database_url: str, requests: IO[bytes], answers: 
     if not isinstance(job, Job):
         child.write(answers, "error", f"not a replay job: {job!r:.80}")
         return
-    engine = db.create_engine(database_url, pool_size=1, search_path=job.schema)
+    engine = db.create_engine(database_url, pool_size=1, search_path=job.schema, application_name="cdp-profile-replay")
     nc = await connect_nats(nats_url, "cdp-profile-replay")
     try:
         progress = await replay(nc, engine, job, lambda kind, p: child.write(answers, kind, p), stopped)

@@ -75,7 +75,7 @@ def rescored(
 
 
 async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO[bytes]) -> None:
-    engine = db.create_engine(database_url, pool_size=1, search_path=schema)
+    engine = db.create_engine(database_url, pool_size=1, search_path=schema, application_name="cdp-profile-scoring")
     try:
         while (request := child.read(requests)) is not None:
             try:
