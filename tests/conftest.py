@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -114,14 +115,17 @@ class Launched:
 
 @contextlib.asynccontextmanager
 async def _launch(
-    definitions: Sequence[ServiceDefinition], *, nats_url: str, database_url: str, namespace: str, log_level: str
+    definitions: Sequence[ServiceDefinition], *, nats_url: str, database_url: str, namespace: str, log_level: str,
+    **settings_given: Any,
 ) -> AsyncIterator[Launched]:
+    """`settings_given`: other `Settings` fields, as their environment variables would set them."""
     async with contextlib.AsyncExitStack() as stack:
         addresses, endpoints, metrics = {}, {}, {}
         for definition in definitions:
             settings = Settings(
                 service=definition.name, nats_url=nats_url, database_url=database_url,
                 grpc_listen="127.0.0.1:0", namespace=namespace, log_level=log_level, metrics_listen="127.0.0.1:0",
+                **settings_given,
             )
             service = await stack.enter_async_context(running(definition, settings))
             addresses[definition.name] = service.address

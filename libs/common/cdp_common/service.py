@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_common import db, eventlog, logs, metrics, rpc, tracing
 from cdp_common.consumer import BatchHandler, Consumer, ConsumerSpec, Handler, Pipeline
-from cdp_common.settings import Settings, SettingsError, optional_int
+from cdp_common.settings import DEFAULT_MAX_CONCURRENT_RPCS, Settings, SettingsError, optional_int
 
 # The cyclic collector's thresholds. With the defaults (700, 10, 10) it ran 1,276 young, 115 middle
 # and 10 full collections while identity resolved 40,000 events (bench/identity.py, measured with
@@ -123,6 +123,24 @@ class ServiceDefinition:
     # Adds the servicers to the server, creates consumers on the runtime, returns the
     # full names of the gRPC services it registered (for health and reflection).
     build: Callable[[grpc.aio.Server, Runtime], Awaitable[Sequence[str]]]
+
+
+# Calls that have arrived but that the server has not taken up yet, per process. gRPC's defaults (1,000,
+# and 3,000 at most) made a burst's excess come back as a bare CANCELLED before the concurrency limit
+# could refuse it clearly; these leave the refusing to the limit.
+_PENDING_CALLS = 10 * DEFAULT_MAX_CONCURRENT_RPCS
+
+
+def grpc_server(max_concurrent_rpcs: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A service's gRPC server: beyond `max_concurrent_rpcs` calls in progress, further calls are
+    refused at once with RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!"), which clients may
+    retry with backoff, rather than queued without bound."""
+    pending = max(_PENDING_CALLS, 10 * max_concurrent_rpcs)
+    return grpc.aio.server(
+        interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=[("grpc.server.max_pending_requests", pending),
+                 ("grpc.server.max_pending_requests_hard_limit", 2 * pending)],
+    )
 
 
 class _CorrelationInterceptor(rpc.PerMethodInterceptor):
@@ -266,7 +284,8 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         else None
     )
     service_metrics = metrics.ServiceMetrics()
-    server = grpc.aio.server(interceptors=[service_metrics.interceptor, *traces.interceptors, _CorrelationInterceptor()])
+    server = grpc_server(settings.grpc_max_concurrent_rpcs,
+                         [service_metrics.interceptor, *traces.interceptors, _CorrelationInterceptor()])
     health_servicer = health.aio.HealthServicer()
     runtime: Runtime | None = None
     try:

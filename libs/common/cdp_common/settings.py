@@ -34,6 +34,9 @@ def optional_int(name: str, default: int, environ: Mapping[str, str] | None = No
 
 
 DEFAULT_LINGER_MS = 100
+# Calls one service process works on at once; more are refused with RESOURCE_EXHAUSTED.
+DEFAULT_MAX_CONCURRENT_RPCS = 1000
+MAX_CONCURRENT_RPCS = 100_000
 # Below the pull request's one-second wait for a first message, and far below the ack wait.
 MAX_LINGER_MS = 1000
 
@@ -64,6 +67,8 @@ class Settings:
     metrics_required: bool = False
     # How long a log consumer's batch that is not full waits for more messages (`cdp_common.pull`).
     consumer_linger_ms: int = DEFAULT_LINGER_MS
+    # gRPC calls in progress at once before more are refused (`cdp_common.service.grpc_server`).
+    grpc_max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
 
     @classmethod
     def from_env(
@@ -90,6 +95,8 @@ class Settings:
             metrics_listen=_metrics_listen(service, environ),
             metrics_required=optional("CDP_METRICS_LISTEN", "0", environ) != "0",
             consumer_linger_ms=bounded_int("CDP_CONSUMER_LINGER_MS", DEFAULT_LINGER_MS, 0, MAX_LINGER_MS, environ),
+            grpc_max_concurrent_rpcs=bounded_int(
+                "CDP_GRPC_MAX_CONCURRENT_RPCS", DEFAULT_MAX_CONCURRENT_RPCS, 1, MAX_CONCURRENT_RPCS, environ),
         )
 
 
