@@ -636,6 +636,14 @@ PROBE_RATE = 100.0
 PROBE_SETTLE_SECONDS = 1.0
 
 
+async def _probes_once_healthy(service: Service, profile_ids: Sequence[str],
+                               stop: asyncio.Event) -> dict[str, dict[str, Any]]:
+    """The PROBES from the service's first healthy answer until `stop` is set."""
+    await service.wait_healthy()
+    answered = await asyncio.gather(*(_probe(service.grpc_address, kind, profile_ids, stop) for kind in PROBES))
+    return dict(zip(PROBES, answered, strict=True))
+
+
 async def _probe(address: str, kind: str, profile_ids: Sequence[str], stop: asyncio.Event) -> dict[str, Any]:
     """Latencies of `kind` calls from `stop`'s clearing to its setting (the first second aside)."""
     import grpc
@@ -658,8 +666,9 @@ async def _probe(address: str, kind: str, profile_ids: Sequence[str], stop: asyn
             sent = time.perf_counter()
             try:
                 await call(request, timeout=30)
-            except grpc.aio.AioRpcError:
-                errors += 1  # NOT_FOUND is an answer, but the ids here are all live profiles
+            except grpc.aio.AioRpcError as error:
+                # NOT_FOUND is an answer: during the live projection a profile may not be there yet.
+                errors += error.code() != grpc.StatusCode.NOT_FOUND
             if sent - began >= PROBE_SETTLE_SECONDS:
                 latencies.append(time.perf_counter() - sent)
             await asyncio.sleep(max(0.0, 1 / PROBE_RATE - (time.perf_counter() - sent)))
@@ -678,7 +687,7 @@ async def measure_live(log: Any, servers: Any, workload: Workload, label: str, p
     topology = await log.fresh(label)
     database = f"bench_{topology.namespace}"
     service = Service(servers, topology.namespace, database, profile_out)
-    rebuilt = None
+    rebuilt, probes, answering = None, None, None
     try:
         await servers.create_database(database)
         usage = _groups(servers, service)
@@ -687,6 +696,9 @@ async def measure_live(log: Any, servers: Any, workload: Workload, label: str, p
             if before_start is not None:
                 await before_start(database)
             service.start()
+            # Calls the service answers while it projects: health and GetProfile, one at a time each.
+            stop_probes = asyncio.Event()
+            probes = asyncio.ensure_future(_probes_once_healthy(service, workload.live_profiles, stop_probes))
         else:
             # Start-up stays out of the profile: the profiler starts once the service is up, and
             # the events come after it (published ten times faster than they are applied, so the
@@ -698,8 +710,13 @@ async def measure_live(log: Any, servers: Any, workload: Workload, label: str, p
             service.process.send_signal(signal.SIGUSR1)
             publish_s = await publish(log, workload.addressed(topology), topology)
         # identity.drain reads only topology.stream("collected"): give it the IDENTITY stream.
-        timing = await idb.drain(log, service, types.SimpleNamespace(stream=lambda _: topology.stream("identity")),
-                                 total, usage)
+        try:
+            timing = await idb.drain(log, service,
+                                     types.SimpleNamespace(stream=lambda _: topology.stream("identity")), total, usage)
+        finally:
+            if probes is not None:
+                stop_probes.set()
+                answering = await probes
         if rebuild:
             rebuilt = await measure_rebuild(servers, service, total, workload.live_profiles)
         await service.stop()
@@ -715,6 +732,7 @@ async def measure_live(log: Any, servers: Any, workload: Workload, label: str, p
         "busy_cores": {k: v / seconds for k, v in used["cpu_s"].items()},
         "foreign_cores": used["foreign_cores"], "usage_seconds": seconds, "publish_s": publish_s,
         "database": database, "code_fingerprint": service.fingerprint, "rebuild": rebuilt, **checks,
+        "answering": answering,
     }
     if not keep_database:
         await servers.drop_database(database)
@@ -979,20 +997,40 @@ def summarize(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     m["live"]["vs_ceiling"] = m["live"]["events_per_s"] / ceiling
     m["live"]["vs_ceiling_paired"] = statistics.median(
         r["events_per_s"] / c["nats_py"]["events_per_s"] for r, c in zip(live, raw["ceiling"], strict=True))
+    m["live"]["answering"] = _answering([r for r in live if r.get("answering")])
     rebuilds = [r["rebuild"] for r in live if r.get("rebuild")]
     m["rebuild"] = None if not rebuilds else {"events_per_s": med(rebuilds, "events_per_s"),
                                               "cpu_us_per_event": costs(rebuilds),
                                               "service_survived": all(r["service_survived"] for r in rebuilds),
                                               "foreign_cores": med(rebuilds, "foreign_cores"),
-                                              "answering": {kind: {key: statistics.median(r["answering"][kind][key]
-                                                                                          for r in rebuilds)
-                                                                   for key in ("p50_ms", "p99_ms", "max_ms", "errors")}
-                                                            for kind in PROBES}}
+                                              "answering": _answering(rebuilds)}
     m["targets"] |= {
         "live_at_least_10000_per_s": m["live"]["events_per_s"] >= TARGET_LIVE,
         "rebuild_at_least_20000_per_s": None if m["rebuild"] is None else m["rebuild"]["events_per_s"] >= TARGET_REBUILD,
     }
     return m
+
+
+def _answering(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """Medians over runs of what the probes saw (None: no run had them, as under --profile; a probe
+    that got in no call past its first second counts as none)."""
+    rows = [r for r in rows if all(r["answering"][kind].get("calls") for kind in PROBES)]
+    if not rows:
+        return None
+    return {kind: {key: statistics.median(r["answering"][kind][key] for r in rows)
+                   for key in ("p50_ms", "p99_ms", "max_ms", "errors")} for kind in PROBES}
+
+
+def _answering_rows(table: Any, got: dict[str, dict[str, float]] | None, rows: Sequence[dict[str, Any]]) -> None:
+    """The probes' rows under a throughput row: p50 / p99 / max, and each run's max."""
+    if got is None:
+        return
+    for kind, label in (("health", "health check"), ("get_profile", "GetProfile")):
+        per_run = " ".join(f"{r['answering'][kind]['max_ms']:.0f}" for r in rows
+                           if r.get("answering") and r["answering"][kind].get("calls"))
+        table.add_row(f"  {label} meanwhile: p50 / p99 / max", f"{got[kind]['p50_ms']:.1f} / "
+                      f"{got[kind]['p99_ms']:.1f} / {got[kind]['max_ms']:.0f} ms", f"max {per_run}", "", "", "", "",
+                      f"{got[kind]['errors']:.0f} errors" if got[kind]["errors"] else "")
 
 
 def _throughput_rows(table: Any, m: dict[str, Any], raw: dict[str, list[dict[str, Any]]], runs: Callable[..., str],
@@ -1012,6 +1050,7 @@ def _throughput_rows(table: Any, m: dict[str, Any], raw: dict[str, list[dict[str
                   f">= 10,000 {verdict(m['targets']['live_at_least_10000_per_s'])}", f"{live['foreign_cores']:.2f}",
                   f"{live['busy_cores']['profile']:.2f} / {live['busy_cores']['postgres']:.2f}",
                   cost(live["cpu_us_per_event"]))
+    _answering_rows(table, live["answering"], raw["live"])
     rebuild = m["rebuild"]
     if rebuild is None:
         table.add_row("rebuild (cdp replay profile)", "not measured", "", "", f">= 20,000 {verdict(None)}", "", "", "")
@@ -1021,12 +1060,7 @@ def _throughput_rows(table: Any, m: dict[str, Any], raw: dict[str, list[dict[str
                       runs(rows, "events_per_s", ",.0f"), f"{rebuild['events_per_s'] / ceiling:.2f}x",
                       f">= 20,000 {verdict(m['targets']['rebuild_at_least_20000_per_s'])}",
                       f"{rebuild['foreign_cores']:.2f}", "", cost(rebuild["cpu_us_per_event"]))
-        for kind, label in (("health", "health check"), ("get_profile", "GetProfile")):
-            got = rebuild["answering"][kind]
-            per_run = " ".join(f"{r['answering'][kind]['max_ms']:.0f}" for r in rows)
-            table.add_row(f"  {label} meanwhile: p50 / p99 / max", f"{got['p50_ms']:.1f} / {got['p99_ms']:.1f} / "
-                          f"{got['max_ms']:.0f} ms", f"max {per_run}", "", "", "", "",
-                          f"{got['errors']:.0f} errors" if got["errors"] else "")
+        _answering_rows(table, rebuild["answering"], rows)
         if not rebuild["service_survived"]:
             table.add_row("  [red]the service exited after the rebuild[/]", "", "", "", "", "", "", "")
 

@@ -12,6 +12,7 @@ long stretches of the log with the same pieces: `recorded`, `Walk` and `rescore`
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from cdp.v1 import event_pb2
 from cdp_common import convert, db, eventlog, identifiers
 from cdp_common.consumer import (
-    BatchHandler, ConsumerSpec, Handler, Overlays, PermanentError, Planned, StalePlan,
+    BatchHandler, ConsumerSpec, Handler, Overlays, PermanentError, Planned, StalePlan, share_turn,
 )
 from cdp_profile import core, scoring, store
 from cdp_profile.messages import changed_event
@@ -30,6 +31,9 @@ from cdp_profile.messages import changed_event
 # Three batches in flight with the pipeline: one being written, one being decided, one on its way.
 SPEC = ConsumerSpec(durable="profile-project", area="identity", max_ack_pending=600)
 MERGED, SPLIT = "profiles_merged", "profile_split"
+# Events (or profiles) a batch's plan works through between two turns of the event loop: about 2 ms of
+# CPU, so GetProfile and the health check are answered while the projection is busy.
+TURN = 5
 EMPTY: Mapping[str, core.ProfileState] = {}
 EMPTY_MERGES: Mapping[str, str] = {}
 # Merges followed from a merged-away id to its survivor, at most.
@@ -179,6 +183,10 @@ class Walk:
             if self.changed.pop(profile_id, None) is not None and state is not None:
                 self.gone[profile_id] = state
 
+    def unfolded(self) -> list[str]:
+        """The profiles with events not folded in yet (`done` folds them)."""
+        return list(self._unfolded)
+
     def fold(self, profile_ids: Sequence[str]) -> None:
         for profile_id in profile_ids:
             rows = self._unfolded.pop(profile_id, None)
@@ -262,7 +270,12 @@ def make_handlers(
     async def rescored(
         conn: AsyncConnection, states: Sequence[core.ProfileState], before: Mapping[str, core.ProfileState] = EMPTY
     ) -> list[core.ProfileState]:
-        return rescore(states, await models_cache.get(conn), eventlog.now(), before)
+        models, now = await models_cache.get(conn), eventlog.now()
+        result: list[core.ProfileState] = []
+        for start in range(0, len(states), TURN):
+            result += rescore(states[start:start + TURN], models, now, before)
+            await asyncio.sleep(0)
+        return result
 
     async def read(
         conn: AsyncConnection, events: Sequence[event_pb2.Event], lock: bool = True,
@@ -273,13 +286,14 @@ def make_handlers(
         ones of batches planned before, over the stored ones)."""
         rows: dict[str, store.Recorded] = {}
         touched: set[str] = set()
-        for event in events:
+        for n, event in enumerate(events):
             if event.type == MERGED:
                 touched.add(event.profiles_merged.survivor_id)
                 touched.update(event.profiles_merged.merged_ids)
             elif event.id not in rows:
                 rows[event.id] = recorded(event)
                 touched.add(event.profile_id)
+            await share_turn(n, TURN)
         loaded, merged_into = await _live(conn, sorted(touched - merged.keys()), lock=lock)
         merged_into.update(merged)
         before = {p: s for p, s in loaded.states.items() if p not in merged_into}
@@ -294,22 +308,27 @@ def make_handlers(
         profile changed, and one per profile merged away."""
         walk = Walk(dict(before), dict(merged_into))
         folded: set[str] = set()
-        for event in events:
+        for n, event in enumerate(events):
             if event.type == MERGED:
                 walk.merge(event)
             elif event.id in fresh and event.id not in folded:
                 folded.add(event.id)
                 walk.event(rows[event.id])
+            await share_turn(n, TURN)
+        for n, profile_id in enumerate(walk.unfolded()):
+            walk.fold([profile_id])
+            await share_turn(n, TURN)
         changed = walk.done()
         states = await rescored(conn, changed, before) if changed else []
         live, gone = states[:len(walk.changed)], states[len(walk.changed):]
         out = []
         if publish:
             causes = {event.id: event for event in events}
-            for state in live:
+            for n, state in enumerate(live):
                 cause = walk.changed[state.profile_id]
                 fields = core.changed_fields(before.get(state.profile_id), state)
                 out.append(changed_event(topology, state, fields, cause_id=cause, cause=causes[cause]))
+                await share_turn(n, TURN)
             out.extend(merged_away(causes[walk.merged_by[p]], p, survivor) for p, survivor in walk.retired.items())
         return _Projected(
             placed=[r if (at := placed(r.profile_id, walk.merged_into)) == r.profile_id else replace(r, profile_id=at)
