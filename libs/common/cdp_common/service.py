@@ -125,17 +125,14 @@ class ServiceDefinition:
     build: Callable[[grpc.aio.Server, Runtime], Awaitable[Sequence[str]]]
 
 
-# Calls that have arrived but that the server has not taken up yet, per process. gRPC's defaults (1,000,
-# and 3,000 at most) made a burst's excess come back as a bare CANCELLED before the concurrency limit
-# could refuse it clearly; these leave the refusing to the limit.
-_PENDING_CALLS = 10 * DEFAULT_MAX_CONCURRENT_RPCS
-
-
 def grpc_server(max_concurrent_rpcs: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """A service's gRPC server: beyond `max_concurrent_rpcs` calls in progress, further calls are
     refused at once with RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!"), which clients may
     retry with backoff, rather than queued without bound."""
-    pending = max(_PENDING_CALLS, 10 * max_concurrent_rpcs)
+    # Calls that have arrived but that the server has not taken up yet. gRPC's defaults (1,000, and
+    # 3,000 at most) made a burst's excess come back as a bare CANCELLED before the concurrency limit
+    # could refuse it clearly; these leave the refusing to the limit.
+    pending = 10 * max(max_concurrent_rpcs, DEFAULT_MAX_CONCURRENT_RPCS)
     return grpc.aio.server(
         interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[("grpc.server.max_pending_requests", pending),
