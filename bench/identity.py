@@ -140,8 +140,9 @@ finally:
 
 @dataclass
 class Code:
-    """The code under test: the working tree, or (--rev) services/identity and libs/common as of a
-    git revision, exported into the temp dir and put first on the service's PYTHONPATH."""
+    """The code under test: the working tree, or (--rev) the service's folder and libs/common
+    (`dirs`) as of a git revision, exported into the temp dir and put first on the service's
+    PYTHONPATH."""
 
     label: str = "working tree"
     commit: str = ""
@@ -174,8 +175,8 @@ class Code:
             raise SystemExit(f"--rev {rev}: not a commit of this repository")
         root = tmp / "code"
         root.mkdir()
-        archive = subprocess.run(["git", "archive", commit, "services/identity", "libs/common"], cwd=REPO,
-                                 capture_output=True, check=True).stdout
+        paths = [str(d.relative_to(REPO)) for d in cls().dirs]
+        archive = subprocess.run(["git", "archive", commit, *paths], cwd=REPO, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
         return cls(label=f"--rev {rev}", commit=commit[:12], root=root)
 

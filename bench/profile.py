@@ -454,6 +454,7 @@ class Service(idb.Service):  # type: ignore[misc,name-defined]
         self.fingerprint = CODE.fingerprint()
         env = {
             **os.environ,
+            **CODE.environ(),
             "CDP_NATS_URL": self.servers.nats_url,
             "CDP_DATABASE_URL": idb._with_database(self.servers.pg_url, self.database),
             "CDP_GRPC_LISTEN": self.grpc_address,
@@ -1092,6 +1093,8 @@ def render(info: dict[str, Any], pg: dict[str, Any], args: argparse.Namespace, w
     tested = f"working tree at {info['commit']}" + (
         f" + uncommitted changes to {len(info['modified'])} file(s) under services/profile, libs/common"
         if info["modified"] else "")
+    if info["code_under_test"]["commit"]:
+        tested = f"services/profile and libs/common at {info['code_under_test']['commit']} ({info['code_under_test']['label']})"
     console.print(f"[bold]OS[/] {info['os']}; [bold]date[/] {info['date']}; [bold]code under test[/] {tested} "
                   f"(sources {', '.join(m['fingerprints'])})")
     if len(m["fingerprints"]) > 1:
@@ -1370,6 +1373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scoring-every", type=float, metavar="SECONDS",
                         help="run the scoring job every SECONDS during the measurements, not only at start "
                         "(what its rounds cost the calls and the projection)")
+    parser.add_argument("--rev", metavar="REV",
+                        help="run services/profile and libs/common as of this git revision (exported to the temp "
+                             "dir, first on the service's PYTHONPATH) instead of the working tree")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (nats store, PostgreSQL data, logs)")
     parser.add_argument("--latency-client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1386,7 +1392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp, results_dir, tmp, logs = idb.set_up("profile")
     nats_server = postgres = None
     began = time.perf_counter()
+    global CODE
     try:
+        if args.rev:
+            CODE = Code.at(args.rev, tmp)
         print(f"building {args.events} events ...", flush=True)
         workload = build_workload(args.events, max(1000, args.events // 2))
         nats_server = start_nats(tmp / "nats", log_file=logs / "nats-server.log")
@@ -1398,6 +1407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info["modified"] = subprocess.run(["git", "status", "--porcelain", "--", "services/profile", "libs/common"],
                                           cwd=REPO, capture_output=True, text=True, check=False).stdout.splitlines()
         info["postgres"] = pg["version"]
+        info["code_under_test"] = {"label": CODE.label, "commit": CODE.commit}
         info["fingerprint_at_start"] = CODE.fingerprint()
         print(f"nats-server {nats_server.url}, PostgreSQL {pg['settings']['server_version']} in {tmp}; "
               f"{info['cpu']}, {info['cores']} cores; workload {workload.summary['events']:,} events over "

@@ -6,6 +6,7 @@ live handlers)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy import text
 from cdp.v1 import event_pb2
 from cdp_common import db, eventlog
 from cdp_common.consumer import PermanentError, Planned, StalePlan, infrastructure_failure
-from cdp_profile import handlers, store
+from cdp_profile import core, handlers, store
 from cdp_profile.bulk import Bulk
 
 TOPOLOGY = eventlog.Topology("bulk")
@@ -261,9 +262,12 @@ async def test_a_plan_whose_profiles_were_rescored_meanwhile_is_not_written(data
         async with engine.connect() as conn:
             planned = await pipeline.plan(conn, [order(3, "p-ada", 20.0, ADA), order(4, "p-bob", 7.0, BOB)])
         assert planned is not None
-        async with engine.begin() as conn:  # what the scoring job's save_scores does, for one of them
-            await conn.execute(text("UPDATE profiles SET scores = scores || '{\"rescored\": true}' "
-                                    "WHERE profile_id = 'p-bob'"))
+        async with engine.begin() as conn:  # the scoring job moves one of them to another lifecycle stage
+            bob = await store.load(conn, "p-bob")
+            assert bob is not None and bob.scores is not None
+            stage = "active" if bob.scores.lifecycle.label != "active" else "at_risk"
+            moved = replace(bob.scores, lifecycle=replace(bob.scores.lifecycle, label=stage))
+            await store.save_scores(conn, [core.with_scores(bob, moved)])
         with pytest.raises(StalePlan, match="rescored 1 of the batch's profiles"):
             async with engine.begin() as conn:
                 await planned.write(conn)

@@ -238,23 +238,28 @@ def _state_row(s: ProfileState) -> dict[str, Any]:
     }
 
 
-def _score_row(s: ProfileState) -> dict[str, Any]:
+def _score_key(s: ProfileState) -> dict[str, Any]:
+    """The score columns a scoring round changes (`Scores.key`); the scoring job writes a profile
+    only when they differ from what it computes (`survey.rescored`)."""
     scores = s.scores
     rfm = scores.rfm if scores else None
     churn = scores.churn if scores else None
     offer = scores.offer if scores else None
     return {
-        "scores": _scores(s),
         "lifecycle_stage": scores.lifecycle.label if scores else None,
         "frequency_falling": bool(scores and scores.frequency_falling),
         "rfm_recency": rfm.recency if rfm else None,
         "rfm_frequency": rfm.frequency if rfm else None,
         "rfm_monetary": rfm.monetary if rfm else None,
         "rfm_cell": rfm.cell if rfm else None,
-        "churn_risk": churn.value if churn else None,
         "churn_label": churn.label if churn else None,
         "next_best_offer": offer.label if offer else None,
     }
+
+
+def _score_row(s: ProfileState) -> dict[str, Any]:
+    churn = s.scores.churn if s.scores else None
+    return {"scores": _scores(s), **_score_key(s), "churn_risk": churn.value if churn else None}
 
 
 _STATE_COLUMNS = tuple(_state_row(ProfileState("")))[1:]  # profile_id aside
@@ -274,18 +279,29 @@ async def save_many(
     }.items()))
 
 
+_KEY_TYPES = {"frequency_falling": "boolean", "rfm_recency": "smallint", "rfm_frequency": "smallint",
+              "rfm_monetary": "smallint"}
+_KEY_COLUMNS = tuple(_score_key(ProfileState("")))
+_KEYS_READ = ", ".join(f"{c} {_KEY_TYPES.get(c, 'text')}" for c in _KEY_COLUMNS)
+
+
 async def rescored_since(conn: AsyncConnection, read: Sequence[ProfileState]) -> list[str]:
-    """Of profiles read earlier, the ones whose stored scores are not the ones read any more (the
-    scoring job rescored them meanwhile). Locks their rows, so the job waits until commit."""
+    """Of profiles read earlier, the ones the scoring job rescored meanwhile: their stored score
+    key (`_score_key`) is not the one read any more. The key's columns are compared, not the scores
+    with their reasons, which cost PostgreSQL a JSON parse per row. Locks their rows, so the job
+    waits until commit."""
     if not read:
         return []
+    keys = [{"profile_id": s.profile_id, **_score_key(s)} for s in read]
+    stored = ", ".join(f"p.{c}" for c in _KEY_COLUMNS)
+    expected = ", ".join(f"r.{c}" for c in _KEY_COLUMNS)
     rows = await conn.execute(
         text(
-            "SELECT p.profile_id, p.scores IS DISTINCT FROM CAST(r.scores AS jsonb) AS moved FROM profiles p "
-            "JOIN json_to_recordset(CAST(:read AS json)) AS r(profile_id text, scores json) "
+            f"SELECT p.profile_id, ({stored}) IS DISTINCT FROM ({expected}) AS moved FROM profiles p "
+            f"JOIN json_to_recordset(CAST(:read AS json)) AS r(profile_id text, {_KEYS_READ}) "
             "ON p.profile_id = r.profile_id ORDER BY p.profile_id FOR UPDATE OF p"
         ),
-        {"read": convert.to_json([{"profile_id": s.profile_id, "scores": _scores(s)} for s in read])},
+        {"read": convert.to_json(keys)},
     )
     return [r.profile_id for r in rows if r.moved]
 
