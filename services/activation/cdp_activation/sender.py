@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import smtplib
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import EmailMessage, Message
 from email.utils import formatdate
 
 import structlog
@@ -31,17 +33,54 @@ class SmtpSettings:
     timeout_seconds: float = 10.0
 
 
-def _message(send: store.Send) -> EmailMessage:
+# A body goes as it is (7bit, or 8bit with UTF-8) while its lines fit this; otherwise it is
+# quoted-printable, as EmailMessage.set_content decides too.
+_PLAIN_LINE = 78
+_QUOTED = Charset("utf-8")
+_QUOTED.body_encoding = QP
+
+
+def _message(send: store.Send) -> Message:
+    """The email of a send. Built as a plain (compat32) `Message`: `EmailMessage`'s header registry
+    and content manager cost 1-2 ms of CPU per message against about 0.1 ms. Addresses are checked
+    to be whitespace-free (`core.recipient`, `core.check_campaign`) and the subject to be one line
+    (`core.render`), so no header can carry another; a non-ASCII address needs SMTPUTF8, which
+    `EmailMessage` negotiates through `smtplib.send_message`."""
+    if not (send.from_address.isascii() and send.recipient.isascii()):
+        return _international(send)
+    message = Message()
+    message["From"] = send.from_address
+    message["To"] = send.recipient
+    subject = send.subject
+    # Encoded words, the first line's room after "Subject: " allowed for.
+    message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8", header_name="Subject").encode()
+    _common_headers(message, send)
+    message["MIME-Version"] = "1.0"
+    if any(len(line) > _PLAIN_LINE for line in send.body.splitlines()):
+        message.set_payload(send.body, _QUOTED)
+    else:
+        message["Content-Type"] = 'text/plain; charset="utf-8"'
+        message["Content-Transfer-Encoding"] = "7bit" if send.body.isascii() else "8bit"
+        # The UTF-8 bytes as the generator writes them back out (what set_payload does for 8bit).
+        message.set_payload(send.body.encode().decode("ascii", "surrogateescape"))
+    return message
+
+
+def _international(send: store.Send) -> EmailMessage:
     message = EmailMessage()
     message["From"] = send.from_address
     message["To"] = send.recipient
     message["Subject"] = send.subject
+    _common_headers(message, send)
+    message.set_content(send.body)
+    return message
+
+
+def _common_headers(message: Message, send: store.Send) -> None:
     message["Date"] = formatdate(localtime=False)
     # The send id as Message-ID lets a receiving system drop the rare duplicate after a crash.
     message["Message-ID"] = f"<{send.send_id}@cdp.activation>"
     message["X-CDP-Campaign"] = send.campaign_id
-    message.set_content(send.body)
-    return message
 
 
 class SmtpSession:
