@@ -282,7 +282,14 @@ async def save_many(
 _KEY_TYPES = {"frequency_falling": "boolean", "rfm_recency": "smallint", "rfm_frequency": "smallint",
               "rfm_monetary": "smallint"}
 _KEY_COLUMNS = tuple(_score_key(ProfileState("")))
-_KEYS_READ = ", ".join(f"{c} {_KEY_TYPES.get(c, 'text')}" for c in _KEY_COLUMNS)
+_STORED_KEY = ", ".join(f"p.{c}" for c in _KEY_COLUMNS)
+_READ_KEY = ", ".join(f"r.{c}" for c in _KEY_COLUMNS)
+_READ_COLUMNS = ", ".join(f"{c} {_KEY_TYPES.get(c, 'text')}" for c in _KEY_COLUMNS)
+_RESCORED_SINCE = (
+    f"SELECT p.profile_id, ({_STORED_KEY}) IS DISTINCT FROM ({_READ_KEY}) AS moved FROM profiles p "
+    f"JOIN json_to_recordset(CAST(:read AS json)) AS r(profile_id text, {_READ_COLUMNS}) "
+    "ON p.profile_id = r.profile_id ORDER BY p.profile_id FOR UPDATE OF p"
+)
 
 
 async def rescored_since(conn: AsyncConnection, read: Sequence[ProfileState]) -> list[str]:
@@ -293,16 +300,7 @@ async def rescored_since(conn: AsyncConnection, read: Sequence[ProfileState]) ->
     if not read:
         return []
     keys = [{"profile_id": s.profile_id, **_score_key(s)} for s in read]
-    stored = ", ".join(f"p.{c}" for c in _KEY_COLUMNS)
-    expected = ", ".join(f"r.{c}" for c in _KEY_COLUMNS)
-    rows = await conn.execute(
-        text(
-            f"SELECT p.profile_id, ({stored}) IS DISTINCT FROM ({expected}) AS moved FROM profiles p "
-            f"JOIN json_to_recordset(CAST(:read AS json)) AS r(profile_id text, {_KEYS_READ}) "
-            "ON p.profile_id = r.profile_id ORDER BY p.profile_id FOR UPDATE OF p"
-        ),
-        {"read": convert.to_json(keys)},
-    )
+    rows = await conn.execute(text(_RESCORED_SINCE), {"read": convert.to_json(keys)})
     return [r.profile_id for r in rows if r.moved]
 
 
