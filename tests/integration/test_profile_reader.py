@@ -89,3 +89,24 @@ async def test_after_a_swap_and_reset_reads_answer_from_the_new_read_model(datab
         assert by_email is not None and by_email.traits["name"] == "Ada Lovelace"
     finally:
         await reader.close()
+
+
+async def test_closing_does_not_wait_for_a_stuck_read(database_url: str, db: asyncpg.Connection) -> None:
+    """A stopping service closes the reader whatever its reads are doing: a read stuck in its
+    statement (here behind a lock; in production, on a server that went away) is cut off."""
+    await _schema_with(database_url, "profile", "Ada")
+    reader = Reader(database_url, "profile", size=2)
+    await reader.start()
+    await db.execute("BEGIN")
+    await db.execute("LOCK TABLE profile.profiles IN ACCESS EXCLUSIVE MODE")
+    try:
+        stuck = asyncio.create_task(reader.by_id("p-ada"))
+        await asyncio.sleep(0.3)
+        assert not stuck.done()
+        began = asyncio.get_running_loop().time()
+        await reader.close(timeout=1.0)
+        assert asyncio.get_running_loop().time() - began < 3.0
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError)):
+            await asyncio.wait_for(stuck, 5.0)
+    finally:
+        await db.execute("ROLLBACK")

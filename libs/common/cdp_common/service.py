@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -346,6 +347,26 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
         log.info("service_stopped")
 
 
+# How long a service whose worker failed may take to shut down before it exits regardless: longer
+# than the graceful steps' own bounds (gRPC grace 5 s, each consumer 10 s, NATS drain 5 s).
+FAILED_SHUTDOWN_SECONDS = 60.0
+
+
+def exit_after(seconds: float) -> threading.Timer:
+    """Ends the process with exit code 1 after `seconds`, from a thread of its own, whatever the event
+    loop is doing. Once a worker failed, nothing else ends a service whose shutdown hangs: it stays
+    up, unhealthy, and no supervisor restarts it."""
+
+    def leave() -> None:
+        log.error("shutdown_timed_out", seconds=seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 async def _serve_until_signalled(definition: ServiceDefinition, settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -359,6 +380,7 @@ async def _serve_until_signalled(definition: ServiceDefinition, settings: Settin
         if failed.done():
             # A service whose consumer died must not look healthy: exit so the supervisor restarts it.
             log.error("worker_failed", error=repr(failed.result()))
+            exit_after(FAILED_SHUTDOWN_SECONDS)
             raise SystemExit(1)
         failed.cancel()
         log.info("shutdown_requested")

@@ -12,6 +12,8 @@ about 204 to 178 µs (bench/profile.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships neither stubs nor py.typed
@@ -20,6 +22,8 @@ from cdp_common import convert, db
 from cdp_profile import store
 from cdp_profile.core import ProfileState
 
+# How long a stopping service waits for reads in progress to finish.
+CLOSE_SECONDS = 5.0
 _FROM_ID = "$1::text"
 _FROM_IDENTIFIER = "(SELECT profile_id FROM identifiers WHERE id_type = $1 AND id_value = $2)"
 
@@ -69,9 +73,14 @@ class Reader:
         """After the read model was swapped: prepared statements point at the old tables."""
         await self._pool.expire_connections()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Closes the pool. asyncpg waits for every read to hand its connection back; one stuck in
+        its statement (on a server that went away, or behind a lock) would hold a stopping service
+        forever, so after `timeout` the pool's connections are cut off (asyncpg terminates the pool
+        when its close is cancelled)."""
         if self._pool is not None:
-            await self._pool.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pool.close(), timeout)
 
     @staticmethod
     def _state(row: Any) -> ProfileState | None:
