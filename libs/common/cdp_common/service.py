@@ -348,8 +348,9 @@ async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIte
 
 
 # How long a service whose worker failed may take to shut down before it exits regardless: longer
-# than the graceful steps' own bounds (gRPC grace 5 s, each consumer 10 s, NATS drain 5 s).
-FAILED_SHUTDOWN_SECONDS = 60.0
+# than the graceful steps' own bounds together (gRPC grace 5 s, profile's read pool 5 s, the consumers 10 s,
+# NATS drain 5 s), and short enough that a supervisor sees it gone within a minute.
+FAILED_SHUTDOWN_SECONDS = 40.0
 
 
 def exit_after(seconds: float) -> threading.Timer:
