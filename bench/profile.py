@@ -650,6 +650,51 @@ def _reference_batch(msgs: Sequence[Any], with_rows: bool) -> tuple[dict[str, li
     return counts, last, rows
 
 
+class ReferenceProjection:
+    """One reference projection's writes at `level` on `conn`, batch by batch (`apply`; the caller
+    acks): the facts go to `topology`'s PROFILE stream, the checkpoint is kept under `name`."""
+
+    def __init__(self, conn: Any, publisher: eventlog.Publisher, topology: eventlog.Topology, name: str,
+                 level: str) -> None:
+        if level not in REFERENCE_LEVELS:
+            raise ValueError(f"unknown reference level {level!r}; one of {', '.join(REFERENCE_LEVELS)}")
+        self.conn, self.publisher, self.topology, self.name, self.level = conn, publisher, topology, name, level
+        self._kept: list[tuple[Any, ...]] = []
+        self._published: list[int] = []
+
+    async def apply(self, msgs: Sequence[Any], final: bool = False) -> None:
+        """One fetched batch; `final` writes what bulk has kept."""
+        conn, level = self.conn, self.level
+        counts, last, rows = _reference_batch(msgs, with_rows=level != "minimal")
+        if level == "bulk":
+            self._kept += rows
+            if len(self._kept) >= BULK_ROWS or final:
+                async with conn.transaction():
+                    await conn.copy_records_to_table("ref_events", records=self._kept)
+                self._kept = []
+            return
+        facts = []
+        if level == "facts":
+            for profile_id, event in last.items():
+                event.id, event.type = eventlog.derived_id(event.id, f"changed:{profile_id}"), "profile_changed"
+                fact = eventlog.Outgoing(self.topology.keyed("profile", profile_id, "changed"), event)
+                facts.append((fact.subject, eventlog.encode(event), fact.headers()))
+        async with conn.transaction():
+            if self._published:
+                await conn.execute("DELETE FROM ref_outbox WHERE id = ANY($1)", self._published)
+            await conn.execute(_REFERENCE_UPSERT, list(counts), [c for c, _ in counts.values()],
+                               [t for _, t in counts.values()])
+            if rows:
+                await conn.execute(_REFERENCE_TIMELINE, *(list(column) for column in zip(*rows, strict=True)))
+            if facts:
+                ids = await conn.fetch(_REFERENCE_OUTBOX, [f[0] for f in facts],
+                                       [f[2][eventlog.MSG_ID_HEADER] for f in facts], [f[1] for f in facts])
+            await conn.execute(_REFERENCE_CHECKPOINT, self.name, msgs[-1].metadata.sequence.stream)
+        if facts:
+            await self.publisher.publish(facts)
+            self._published = [r["id"] for r in ids]
+
+
 async def measure_reference_projection(nc: Any, log: Any, servers: Any, topology: eventlog.Topology, events: int,
                                        resolved: int, passes: int, level: str) -> dict[str, Any]:
     """A batched projection of the same events at `level` (plain asyncpg, the services' Puller), in
@@ -672,45 +717,17 @@ async def measure_reference_projection(nc: Any, log: Any, servers: Any, topology
         usage = idb.Usage({"client": lambda: [os.getpid()], "nats_server": lambda: [servers.nats_pid],
                            "postgres": servers.postgres_pids})
         usage.start()
-        published: list[int] = []
+        projection = ReferenceProjection(conn, publisher, topology, names[0], level)
         for name in names:
             applied = 0
-            kept: list[tuple[Any, ...]] = []
+            projection.name = name
             puller = Puller(nc, stream, name, FETCH_BATCH, 1.0)
             while applied < events:
                 msgs = await puller.fetch()
                 if not msgs:
                     continue
                 applied += len(msgs)
-                counts, last, rows = _reference_batch(msgs, with_rows=level != "minimal")
-                if level == "bulk":
-                    kept += rows
-                    if len(kept) >= BULK_ROWS or applied >= events:
-                        async with conn.transaction():
-                            await conn.copy_records_to_table("ref_events", records=kept)
-                        kept = []
-                    await msgs[-1].ack()
-                    continue
-                facts = []
-                if level == "facts":
-                    for profile_id, event in last.items():
-                        event.id, event.type = eventlog.derived_id(event.id, f"changed:{profile_id}"), "profile_changed"
-                        fact = eventlog.Outgoing(topology.keyed("profile", profile_id, "changed"), event)
-                        facts.append((fact.subject, eventlog.encode(event), fact.headers()))
-                async with conn.transaction():
-                    if published:
-                        await conn.execute("DELETE FROM ref_outbox WHERE id = ANY($1)", published)
-                    await conn.execute(_REFERENCE_UPSERT, list(counts), [c for c, _ in counts.values()],
-                                       [t for _, t in counts.values()])
-                    if rows:
-                        await conn.execute(_REFERENCE_TIMELINE, *(list(column) for column in zip(*rows, strict=True)))
-                    if facts:
-                        ids = await conn.fetch(_REFERENCE_OUTBOX, [f[0] for f in facts],
-                                               [f[2][eventlog.MSG_ID_HEADER] for f in facts], [f[1] for f in facts])
-                    await conn.execute(_REFERENCE_CHECKPOINT, name, msgs[-1].metadata.sequence.stream)
-                if facts:
-                    await publisher.publish(facts)
-                    published = [r["id"] for r in ids]
+                await projection.apply(msgs, final=applied >= events)
                 await msgs[-1].ack()
             await puller.forget()
             # Checked, then emptied: each pass writes the same events anew, not onto rows already there.

@@ -73,17 +73,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
 
-def _bench_module(name: str) -> Any:
-    """bench/<name>.py, imported as bench_<name> (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pb = _bench_module("profile")  # which loads bench/identity.py, which loads bench/ingest.py
-idb, ib = pb.idb, pb.ib
+# bench/ is not a package: bench/pipeline.py is imported as bench_pipeline, and it loads bench/profile.py,
+# which loads bench/identity.py, which loads bench/ingest.py.
+_spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH_DIR / "pipeline.py")
+assert _spec is not None and _spec.loader is not None
+lean = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lean)
+pb, idb, ib = lean.pb, lean.idb, lean.ib
 _children: list[subprocess.Popen[bytes]] = ib._children
 
 TARGET_SUSTAINED = 3000.0  # events/s through the whole suite on 2 cores (issue #6)
@@ -142,14 +138,15 @@ async def measure_parts(args: argparse.Namespace, servers: Any, log: Any, worklo
            "consume": await idb.measure_ceiling(log, servers, workloads["suite"], passes),
            "grpc_batch": await ib.measure_grpc_batch(log, args.events, args.batch, args.concurrency, tag, servers.logs),
            "http_batch": await ib.measure_http_batch(log, args.events, args.batch, args.concurrency, tag, servers.logs),
-           "profile": await pb.measure_live(log, servers, workloads["profile"], "p", rebuild=True)}
+           "profile": await pb.measure_live(log, servers, workloads["profile"], "p", rebuild=True),
+           "lean": await lean.measure(log, servers, workloads["suite"], run)}
     out["latency"] = await pb.measure_latency(log, servers, preload, args, run, tmp)
     rebuild, latency = out["profile"]["rebuild"], out["latency"]["get_profile"]
     print(f"run {run + 1}/{args.runs} ({time.perf_counter() - began:.0f} s): ceiling publish "
           f"{out['publish']['events_per_s']:,.0f} ev/s, consume {out['consume']['events_per_s']:,.0f} ev/s; ingest "
           f"gRPC {out['grpc_batch']['events_per_s']:,.0f}, HTTP {out['http_batch']['events_per_s']:,.0f} ev/s; "
           f"profile live {out['profile']['events_per_s']:,.0f}, rebuild {rebuild['events_per_s'] if rebuild else 0:,.0f}"
-          f" ev/s; GetProfile p50/p99 {latency['p50_ms']:.2f}/{latency['p99_ms']:.2f} ms", flush=True)
+          f" ev/s; lean pipeline {out['lean']['events_per_s']:,.0f} ev/s; GetProfile p50/p99 {latency['p50_ms']:.2f}/{latency['p99_ms']:.2f} ms", flush=True)
     return out
 
 
@@ -594,6 +591,10 @@ def summarize(parts: list[dict[str, Any]], suite_runs: list[dict[str, Any]]) -> 
     add("suite_sustained", "whole suite (cdp up) sustained", [r["sustained_rate"] for r in suite_runs], "ev/s",
         ceiling="ceiling_publish", goal=f">= {TARGET_SUSTAINED:,.0f}", met=lambda v: v >= TARGET_SUSTAINED,
         other=[statistics.median(s["foreign_cores"] for s in r["steps"]) for r in suite_runs])
+    add("lean_pipeline", "  lean pipeline, the least it must do (upper bound)", rate("lean"), "ev/s",
+        ceiling="ceiling_publish", other=other("lean"))
+    add("lean_pipeline_cpu", "  lean pipeline: CPU per event, all processes",
+        [r["lean"]["cpu_us_per_event_all"] for r in parts], "µs", other=other("lean"))
     for stage, label in (("resolved", "identity resolved"), ("profile_changed", "profile updated"),
                          ("segment_entered", "segment entered"), ("email_in_sink", "email in SMTP sink")):
         for p in ("p50", "p99"):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(180)
 CDP = str(Path(sys.executable).parent / "cdp")
 SERVICES = ("ingest", "identity", "profile", "segmentation", "activation", "dmp_bridge")
 RATES = ("ceiling_publish", "ceiling_consume", "ingest_grpc_batch", "ingest_http_batch", "suite_sustained",
-         "profile_live", "profile_rebuild")
+         "lean_pipeline", "lean_pipeline_cpu", "profile_live", "profile_rebuild")
 LATENCIES = (
     *(f"freshness_{stage}_{p}" for stage in ("resolved", "profile_changed", "segment_entered", "email_in_sink")
       for p in ("p50", "p99")),
