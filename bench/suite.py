@@ -12,6 +12,9 @@ invocation. First the parts, each --runs times (medians), with the other benches
   ingest         gRPC Batch and HTTP /v1/batch into `python -m cdp_ingest` (bench/ingest.py)
   profile        live projection, `cdp replay profile` rebuild and GetProfile latency on preloaded
                  profiles (bench/profile.py's measure_live, measure_latency, build_preload)
+  lean pipeline  the least the suite must do, as four lean stages in their own processes, on the
+                 suite's event mix published as fast as the log takes it: an upper bound for the
+                 suite (bench/pipeline.py's measure)
 
 Then the whole suite: `cdp up` itself (six services and its SMTP sink, on the bench's nats-server
 and PostgreSQL through CDP_NATS_URL / CDP_DATABASE_URL), with the demo's segments and campaign
