@@ -492,6 +492,10 @@ async def trace(js: Any, topology: eventlog.Topology, probes: Probes, since: dat
                 seen("segment_entered", probe, msg)
     stages: dict[str, list[float]] = {stage: [] for stage in ("accepted", *STAGES)}
     missing = {stage: 0 for stage in STAGES}
+    # Each probe by when it was sent (s after the first), with its stages in ms (None: missing):
+    # whether the slow ones came together.
+    each: list[list[float | None]] = []
+    began = min(probes.sent_at.values(), default=0.0)
     for probe, sequence in probes.sequence.items():
         collected = (await js.get_msg(topology.stream("collected"), sequence)).time.timestamp()
         stages["accepted"].append(collected - probes.sent_at[probe])
@@ -502,7 +506,9 @@ async def trace(js: Any, topology: eventlog.Topology, probes: Probes, since: dat
                 missing[stage] += 1
             else:
                 stages[stage].append(at - collected)
-    return {"probes": len(probes.sequence), "missing": missing,
+        each.append([round(probes.sent_at[probe] - began, 3),
+                     *(None if at is None else round(1000 * (at - collected), 1) for at in times.values())])
+    return {"probes": len(probes.sequence), "missing": missing, "each": sorted(each, key=lambda row: row[0] or 0.0),
             "stages": {stage: {"n": len(values), "p50_ms": 1000 * ib.pct(values, 50) if values else None,
                                "p99_ms": 1000 * ib.pct(values, 99) if values else None,
                                "max_ms": 1000 * max(values) if values else None}

@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from sqlalchemy import text
 
 from cdp_common import db, eventlog
-from cdp_profile import jobs, store
+from cdp_profile import jobs, scoring, store, survey
 from cdp_profile.core import ProfileState, Score, Scores
 from cdp_profile.handlers import ModelsCache
 
@@ -86,6 +86,43 @@ async def test_the_scoring_job_leaves_a_profile_the_consumer_holds_to_its_next_r
         assert bob.scores is not None and bob.scores.lifecycle.label
     finally:
         await publisher.close()
+        await engine.dispose()
+
+
+async def test_the_scoring_job_writes_no_profile_the_consumer_wrote_after_the_job_read_it(
+    database_url: str, namespace: str
+) -> None:
+    """A round reads and rescores its chunk without locks (so the consumer never waits for the
+    round's work), then writes only what nobody wrote since: a profile the consumer changed in
+    between keeps the consumer's scores, gets no event from the round, and is left to the next."""
+    engine = db.create_engine(database_url, search_path="profile")
+    topology = eventlog.Topology(namespace)
+    day = datetime(2026, 6, 1, tzinfo=UTC)
+    now = day + timedelta(days=60)
+    try:
+        await db.migrate(engine, "profile", store.MIGRATIONS)
+        customers = {
+            name: ProfileState(f"p-{name}", order_count=2, revenue_cents=5000, first_order_at=day,
+                               last_order_at=day + timedelta(days=20), first_seen_at=day)
+            for name in ("ada", "bob", "cyd")
+        }
+        async with engine.begin() as conn:
+            await store.save_many(conn, list(customers.values()), {})
+        chunk = await survey.rescore_chunk(engine, ["p-ada", "p-bob", "p-cyd"], scoring.Models(), now, topology)
+        assert len(chunk.states) == 3
+        # Meanwhile the consumer applies Bob's third order, with the scores it computes.
+        bob = replace(customers["bob"], order_count=3, revenue_cents=9000, last_order_at=now, scores=scores("active", 0.1))
+        async with engine.begin() as conn:
+            await store.save_many(conn, [bob], {"p-bob": customers["bob"]})
+        assert await survey.write_chunk(engine, chunk) == 2
+        async with engine.connect() as conn:
+            stored = (await store.load_many(conn, ["p-ada", "p-bob", "p-cyd"], lock=False)).states
+            outbox = [r.subject for r in await conn.execute(text("SELECT subject FROM profile.outbox"))]
+        assert stored["p-bob"].order_count == 3 and stored["p-bob"].scores == scores("active", 0.1)
+        by_id = {s.profile_id: s for s in chunk.states}
+        assert stored["p-ada"].scores == by_id["p-ada"].scores and stored["p-cyd"].scores == by_id["p-cyd"].scores
+        assert sorted(outbox) == sorted(topology.keyed("profile", p, "changed") for p in ("p-ada", "p-cyd"))
+    finally:
         await engine.dispose()
 
 

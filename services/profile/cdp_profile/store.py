@@ -382,21 +382,65 @@ async def save(conn: AsyncConnection, state: ProfileState, previous: ProfileStat
     await save_many(conn, [state], {state.profile_id: previous} if previous else {})
 
 
+async def versions(conn: AsyncConnection, profile_ids: Sequence[str]) -> dict[str, datetime]:
+    """When each profile was last written (`updated_at`: every write of a profile row sets it)."""
+    rows = await conn.execute(text("SELECT profile_id, updated_at FROM profiles WHERE profile_id = ANY(:p)"),
+                              {"p": list(profile_ids)})
+    return {r.profile_id: r.updated_at for r in rows}
+
+
+_SCORE_NAMES = ", ".join(("profile_id", *_SCORE_COLUMNS))
+_SCORE_UPDATES = ", ".join(f"{c} = n.{c}" for c in _SCORE_COLUMNS)
+_NEW_SCORES = (f"(SELECT {_SCORE_NAMES} FROM json_populate_recordset(NULL::profiles, CAST(:rows AS json))) "
+               f"AS n({_SCORE_NAMES})")
+
+
+def score_rows(states: Sequence[ProfileState]) -> str:
+    """Profiles' scores as the scoring job writes them (one JSON array)."""
+    return convert.to_json([{"profile_id": s.profile_id, **_score_row(s)} for s in states])
+
+
 async def save_scores(conn: AsyncConnection, states: Sequence[ProfileState]) -> None:
     """Writes only the scores: what the scoring job changes."""
-    if not states:
-        return
-    names = ", ".join(("profile_id", *_SCORE_COLUMNS))
-    updates = ", ".join(f"{c} = n.{c}" for c in _SCORE_COLUMNS)
-    rows = convert.to_json([{"profile_id": s.profile_id, **_score_row(s)} for s in states])
-    await conn.execute(
-        text(
-            f"UPDATE profiles p SET {updates}, updated_at = now() "
-            f"FROM (SELECT {names} FROM json_populate_recordset(NULL::profiles, CAST(:rows AS json))) AS n({names}) "
-            "WHERE p.profile_id = n.profile_id"
-        ),
-        {"rows": rows},
-    )
+    if states:
+        await conn.execute(
+            text(f"UPDATE profiles p SET {_SCORE_UPDATES}, updated_at = now() FROM {_NEW_SCORES} "
+                 "WHERE p.profile_id = n.profile_id"),
+            {"rows": score_rows(states)},
+        )
+
+
+# One statement: run on its own (autocommit), it holds the rows it locks only while PostgreSQL runs
+# it, never while the process that sent it waits for a CPU.
+_SAVE_SCORES_IF_UNCHANGED = (
+    "WITH kept AS (SELECT p.profile_id FROM profiles p "
+    "JOIN unnest(CAST(:p AS text[]), CAST(:at AS timestamptz[])) AS r(profile_id, updated_at) "
+    "ON p.profile_id = r.profile_id AND p.updated_at = r.updated_at "
+    "ORDER BY p.profile_id FOR UPDATE OF p SKIP LOCKED), "
+    f"scored AS (UPDATE profiles p SET {_SCORE_UPDATES}, updated_at = now() FROM {_NEW_SCORES} "
+    "WHERE p.profile_id = n.profile_id AND p.profile_id IN (SELECT profile_id FROM kept) RETURNING p.profile_id), "
+    "published AS (INSERT INTO outbox (subject, msg_id, headers, payload) SELECT o.s, o.m, '{}', o.b "
+    "FROM unnest(CAST(:owner AS text[]), CAST(:s AS text[]), CAST(:m AS text[]), CAST(:b AS bytea[])) "
+    "AS o(owner, s, m, b) WHERE o.owner IN (SELECT profile_id FROM scored)) "
+    "SELECT count(*) FROM scored"
+)
+
+
+async def save_scores_if_unchanged(
+    conn: AsyncConnection, versions: Mapping[str, datetime], scores: str,
+    events: Sequence[tuple[str, str, str, bytes]],
+) -> int:
+    """Writes `scores` (`score_rows`) and the outbox rows (profile id, subject, message id, payload) of
+    the profiles read at `versions` that nothing wrote since (`updated_at`: every write of a profile
+    row sets it) and no other transaction holds right now (skipped, not waited for), in one
+    statement; returns how many profiles it wrote."""
+    if not versions:
+        return 0
+    written = await conn.execute(text(_SAVE_SCORES_IF_UNCHANGED), {
+        "p": list(versions), "at": list(versions.values()), "rows": scores,
+        "owner": [e[0] for e in events], "s": [e[1] for e in events], "m": [e[2] for e in events],
+        "b": [e[3] for e in events]})
+    return int(written.scalar_one())
 
 
 # --- the timeline ------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ input:
 - `("fit", now)`: every customer's score inputs, and the models fitted to them, answered as
   `("ok", (model rows, customers))`;
 - `("rescore", model rows, now, topology)`: finds the profiles whose stored scores differ from what
-  those models give them, and rescores them, `CHUNK` per transaction: each chunk's scores and
-  their `profile_changed` events (into the outbox, for the service to publish) are written
-  together. Answered as `("ok", profiles found)`.
+  those models give them, and rescores them, `CHUNK` at a time: each chunk is read and rescored
+  without locks, then its scores and their `profile_changed` events (into the outbox, for the
+  service to publish) are written together in a short transaction, for the profiles nothing wrote
+  meanwhile. Answered as `("ok", profiles found)`.
 
 A request that fails is answered `("error", text)`. The models cross as their stored rows.
 """
@@ -20,6 +21,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
 
@@ -29,7 +31,7 @@ from cdp_common import db, eventlog
 from cdp_profile import child, core, scoring, store
 from cdp_profile.messages import changed_event
 
-# Profiles rescored per transaction: bounds how long rows stay locked against the consumer.
+# Profiles read, rescored and written at a time.
 CHUNK = 200
 
 
@@ -39,7 +41,7 @@ async def fit(engine: AsyncEngine, now: datetime) -> tuple[Mapping[str, Any], in
     return scoring.build_models(base, now).to_rows(), len(base)
 
 
-async def rescore(engine: AsyncEngine, schema: str, rows: Mapping[str, Any], now: datetime,
+async def rescore(engine: AsyncEngine, rows: Mapping[str, Any], now: datetime,
                   topology: eventlog.Topology) -> int:
     models = scoring.Models.from_rows(rows, now)
     moved: list[str] = []
@@ -48,15 +50,49 @@ async def rescore(engine: AsyncEngine, schema: str, rows: Mapping[str, Any], now
             moved += [profile_id for profile_id, inputs, stored in scanned
                       if scoring.score(inputs, models, now).key() != stored]
     for start in range(0, len(moved), CHUNK):
-        # Read again under lock: the consumer may have changed a profile since the scan. A profile
-        # the consumer holds right now is left to the next round: waiting for it could deadlock with
-        # a batch that locks its profiles in several statements (runs of events, then a merge's).
-        async with engine.begin() as conn:
-            loaded = await store.load_many(conn, moved[start:start + CHUNK], skip_locked=True)
-            states, out = rescored(list(loaded.states.values()), models, now, topology)
-            await store.save_scores(conn, states)
-            await db.add_to_outbox(conn, schema, out)
+        await write_chunk(engine, await rescore_chunk(engine, moved[start:start + CHUNK], models, now, topology))
     return len(moved)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Profiles rescored, ready to write: when each was read (its `updated_at`), their new states,
+    their scores as written (`store.score_rows`) and their events as outbox rows (profile id,
+    subject, message id, payload)."""
+
+    versions: Mapping[str, datetime]
+    states: Sequence[core.ProfileState]
+    scores: str
+    events: Sequence[tuple[str, str, str, bytes]]
+
+
+async def rescore_chunk(engine: AsyncEngine, profile_ids: Sequence[str], models: scoring.Models, now: datetime,
+                        topology: eventlog.Topology) -> Chunk:
+    """Reads and rescores profiles, and prepares what is written, holding no lock: this process
+    runs at a lower priority, and on a busy machine it waits long for a CPU (a second or more per
+    chunk), while every batch of the live consumer that touches a row it holds would wait too."""
+    async with engine.connect() as conn:
+        # Versions first: a write that lands between the two reads shows as a newer version.
+        versions = await store.versions(conn, profile_ids)
+        loaded = await store.load_many(conn, profile_ids, lock=False)
+    states, events = rescored(list(loaded.states.values()), models, now, topology)
+    return Chunk(versions={s.profile_id: versions[s.profile_id] for s in states}, states=states,
+                 scores=store.score_rows(states),
+                 events=[(s.profile_id, e.subject, e.event.id, eventlog.encode(e.event))
+                         for s, e in zip(states, events, strict=True)])
+
+
+async def write_chunk(engine: AsyncEngine, chunk: Chunk) -> int:
+    """Writes a rescored chunk, its scores and their profile_changed events (into the outbox), in
+    one statement on its own, for the profiles nothing wrote since they were read. A profile written
+    since, or held by the consumer right now, is left to the next round: waiting for the
+    consumer's lock could deadlock with a batch that locks its profiles in several statements (runs
+    of events, then a merge's). Returns how many were written."""
+    if not chunk.states:
+        return 0
+    async with engine.connect() as conn:
+        alone = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return await store.save_scores_if_unchanged(alone, chunk.versions, chunk.scores, chunk.events)
 
 
 def rescored(
@@ -83,7 +119,7 @@ async def serve(database_url: str, schema: str, requests: IO[bytes], answers: IO
                     case ("fit", now):
                         answer: tuple[str, Any] = ("ok", await fit(engine, now))
                     case ("rescore", rows, now, topology):
-                        answer = ("ok", await rescore(engine, schema, rows, now, topology))
+                        answer = ("ok", await rescore(engine, rows, now, topology))
                     case _:
                         answer = ("error", f"unknown request {request!r:.80}")
             except Exception as error:  # noqa: BLE001 - answered as text, which always pickles
