@@ -176,3 +176,24 @@ async def test_after_a_round_over_no_customers_the_first_ones_are_scored_without
             await asyncio.gather(job, return_exceptions=True)
         await publisher.close()
         await engine.dispose()
+
+
+async def test_statistics_analyse_only_the_named_columns_once_the_table_has_doubled(database_url: str) -> None:
+    """The planner's statistics of a growing table: the lookup columns are analysed once it has
+    grown enough, not the jsonb ones (which made profile's batch wait seconds inside its transaction)."""
+    engine = db.create_engine(database_url, pool_size=1, search_path="public")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE grown (id int PRIMARY KEY, profile_id text, doc jsonb)"))
+            await conn.execute(text("INSERT INTO grown SELECT i, 'p-' || (i % 50), jsonb_build_object('i', i) "
+                                    "FROM generate_series(1, 3000) AS i"))
+            statistics = db.Statistics(["grown (profile_id)"], first=2000)
+            await statistics.grew(conn, 1500)
+            assert statistics.rows == 0  # not yet: fewer than `first` new rows
+            await statistics.grew(conn, 1500)
+            analysed = {r[0] for r in await conn.execute(
+                text("SELECT attname FROM pg_stats WHERE schemaname = 'public' AND tablename = 'grown'"))}
+        assert analysed == {"profile_id"}
+        assert statistics.rows == 3000 and statistics.added == 0
+    finally:
+        await engine.dispose()

@@ -266,7 +266,9 @@ def make_handlers(
     profile_changed events."""
     models_cache = cache or ModelsCache()
     # Counted in timeline rows; unqualified names: the live schema, or the one a rebuild fills.
-    statistics = db.Statistics(["events", "profiles", "identifiers"], first=2000)
+    # The columns the projection and the reads look rows up by (as a rebuild's swap analyses them).
+    statistics = db.Statistics(["events (profile_id, occurred_at, event_id)", "profiles (profile_id, merged_into)",
+                                "identifiers"], first=2000)
 
     async def rescored(
         conn: AsyncConnection, states: Sequence[core.ProfileState], before: Mapping[str, core.ProfileState] = EMPTY
