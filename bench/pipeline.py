@@ -285,9 +285,10 @@ async def measure(log: Any, servers: Any, workload: Any, run: int) -> dict[str, 
         publisher = eventlog.Publisher(nc)
         usage = idb.Usage(groups)
         usage.start()
+        began = time.perf_counter()
         try:
             acks = await ib.publisher_windows(publisher, workload.addressed(topology), PUBLISH_WINDOW, PUBLISH_IN_FLIGHT)
-            published_s = time.perf_counter() - usage._began
+            published_s = time.perf_counter() - began
             deadline = time.monotonic() + DONE_TIMEOUT
             while True:
                 acked = await _acked(log.js, topology)

@@ -9,7 +9,7 @@ input:
 - `("rescore", model rows, now, topology)`: finds the profiles whose stored scores differ from what
   those models give them, and rescores them, `CHUNK` at a time: each chunk is read and rescored
   without locks, then its scores and their `profile_changed` events (into the outbox, for the
-  service to publish) are written together in a short transaction, for the profiles nothing wrote
+  service to publish) are written together in one statement, for the profiles nothing wrote
   meanwhile. Answered as `("ok", profiles found)`.
 
 A request that fails is answered `("error", text)`. The models cross as their stored rows.
